@@ -25,7 +25,7 @@ ORIGIN_FIELDS = [
     pa.field("prompt_id", pa.string(),
              metadata={"doc": "hash of the normalised conversation before the final assistant turn"}),
     pa.field("generator", pa.string(),
-             metadata={"doc": "model that wrote the final answer; null for a human"}),
+             metadata={"doc": "model that wrote the final answer; null when human or unknown"}),
     pa.field("source", pa.string(), nullable=False, metadata={"doc": "recipe source name"}),
     pa.field("source_file", pa.string(), nullable=False, metadata={"doc": "path of the input file"}),
     pa.field("source_record", pa.string(), nullable=False,
@@ -40,6 +40,8 @@ ORIGIN_FIELDS = [
     pa.field("rank_group", pa.string(),
              metadata={"doc": "rows ranked against each other by a human or judge (OASST siblings, HH pair, AlpacaEval judgement)"}),
     pa.field("rank", pa.float64(), metadata={"doc": "position within rank_group, 0 is best"}),
+    pa.field("source_flags", pa.list_(pa.string()),
+             metadata={"doc": "facts the source states about the record, e.g. 'deleted', 'review_failed', 'synthetic'"}),
 ]
 
 # Columns filled by stages.

@@ -1,0 +1,78 @@
+"""``curate``: the command line.
+
+Errors reach people as one line (what is wrong, what to do) and a non-zero exit code;
+``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _build(args: argparse.Namespace) -> int:
+    from curation.recipe import load_recipe
+
+    load_recipe(args.recipe)  # fail fast, before Prefect starts, on a bad recipe
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if args.quiet else "INFO")
+    from flows.build import build_dataset
+
+    manifest = build_dataset(recipe=str(args.recipe), out=str(args.out), quiet=args.quiet)
+    counts = manifest["counts"]
+    print(json.dumps({"out": str(Path(args.out).resolve()), "run_id": manifest["run_id"], **counts,
+                      "sft": manifest["stages"]["select"]["sft_rows"],
+                      "preference": manifest["stages"]["select"]["preference_pairs"],
+                      "seconds": manifest["times"]["total_seconds"]}))
+    return 0
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from schemas.export import write_json_schemas
+
+    for path in write_json_schemas(Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="curate", description="Curate instruction and preference datasets.")
+    root.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="run a recipe and write the curated datasets")
+    build.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/demo.yaml")
+    build.add_argument("--out", type=Path, required=True, help="output folder")
+    build.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
+    build.set_defaults(func=_build)
+
+    schema = commands.add_parser("schemas", help="write the JSON Schema exports of the Arrow schemas and the recipe")
+    schema.add_argument("--out", help="folder (default: the installed schemas package)")
+    schema.set_defaults(func=_schemas)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
+    from curation.accounting import ConservationError
+    from curation.recipe import RecipeError
+
+    try:
+        return args.func(args)
+    except RecipeError as error:
+        print(f"curate: {error}", file=sys.stderr)
+        return 2
+    except ConservationError as error:
+        print(f"curate: {error}; the build is not trustworthy, please report this with the manifest", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("curate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The Prefect flow that builds a dataset from a recipe: one task per stage.
+
+Runs without a server (Prefect's ephemeral mode) from ``curate build``; the same flow can
+be deployed on a Prefect server. Tasks pass Polars frames in memory, so task caching is
+off: caching would hash whole tables.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+import curation
+from curation import accounting, outputs
+from curation.dedup import deduplicate
+from curation.filters import filter_records
+from curation.ingest import IngestResult, ingest
+from curation.normalize import normalize
+from curation.recipe import Recipe, load_recipe
+from curation.score import score_records
+from curation.select import Selection, select
+from curation.stage import StageResult
+
+STAGES = ("ingest", "normalize", "filter", "dedup", "score", "select", "write")
+
+
+def _bar(stage: str, total: int | None, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=f"{stage:>9}", unit="row", disable=quiet, leave=True, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _stage_counts(result: StageResult, rows_in: int) -> dict:
+    return {"in": rows_in, "out": result.kept.height, "dropped": result.rejected.height,
+            "dropped_by_reason": result.reasons}
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(recipe: Recipe, base_dir: Path, quiet: bool) -> IngestResult:
+    with _bar("ingest", None, quiet) as bar:
+        seen = [0]
+
+        def progress(rows: int) -> None:
+            bar.update(rows - seen[0])
+            seen[0] = rows
+
+        result = ingest(list(recipe.sources), base_dir, progress=progress)
+        bar.update(result.records.height - seen[0])
+    return result
+
+
+@task(name="normalize", cache_policy=NO_CACHE)
+def normalize_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+    with _bar("normalize", records.height, quiet) as bar:
+        result = normalize(records, recipe.normalize)
+        bar.update(records.height)
+    return result
+
+
+@task(name="filter", cache_policy=NO_CACHE)
+def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+    with _bar("filter", records.height, quiet) as bar:
+        result = filter_records(records, recipe.filters, recipe.filter_overrides() or None)
+        bar.update(records.height)
+    return result
+
+
+@task(name="dedup", cache_policy=NO_CACHE)
+def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+    with _bar("dedup", records.height, quiet) as bar:
+        result = deduplicate(records, recipe.dedup)
+        bar.update(records.height)
+    return result
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, quiet: bool):
+    """Score the funnel's survivors and the ranked rows native pairs are built from."""
+    ranked = pair_pool.filter(pl.col("rank_group").is_not_null())
+    to_score = pl.concat([candidates, ranked.join(candidates.select("id"), on="id", how="anti")])
+    if recipe.score is None:
+        return candidates, pair_pool, None
+    with _bar("score", to_score.height, quiet) as bar:
+        seen = [0]
+
+        def progress(rows: int) -> None:
+            bar.update(rows - seen[0])
+            seen[0] = rows
+
+        scored, info = score_records(to_score, recipe.score, progress=progress)
+        bar.update(to_score.height - seen[0])
+    scores = scored.select("id", "score", "scorer")
+    attach = lambda frame: frame.drop("score", "scorer").join(scores, on="id", how="left")  # noqa: E731
+    return attach(candidates), attach(pair_pool), info
+
+
+@task(name="select", cache_policy=NO_CACHE)
+def select_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, quiet: bool) -> Selection:
+    with _bar("select", candidates.height, quiet) as bar:
+        selection = select(candidates, pair_pool, recipe.select,
+                           sft_sources=recipe.sources_for("sft"),
+                           preference_sources=recipe.sources_for("preference"),
+                           prompt_sources=recipe.sources_for("prompts"))
+        bar.update(candidates.height)
+    return selection
+
+
+@task(name="write", cache_policy=NO_CACHE)
+def write_task(out_dir: Path, recipe: Recipe, ingested: IngestResult, selection: Selection,
+               settlement: accounting.Settlement, manifest: dict, quiet: bool) -> dict:
+    datasets = {
+        "sft": selection.sft,
+        "preference": selection.preference,
+        "prompts": selection.prompts,
+        "rejected": settlement.rejected,
+        "quarantine": ingested.quarantine,
+    }
+    with _bar("write", sum(f.height for f in datasets.values()), quiet) as bar:
+        files = {}
+        for name, frame in datasets.items():
+            files[name] = outputs.write_dataset(frame, out_dir, name, recipe.outputs)
+            bar.update(frame.height)
+    manifest["outputs"] = files
+    manifest["conservation"] = accounting.check_outputs(out_dir, manifest)
+    manifest["times"]["finished"] = datetime.now(timezone.utc).isoformat()
+    outputs.write_json_atomic(manifest, out_dir / "manifest.json")
+    return manifest
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+@flow(name="build-dataset", log_prints=True)
+def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
+    """Build the datasets a recipe describes into ``out``; returns the manifest."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat()
+    run_id = new_run_id()
+    recipe_path = Path(recipe)
+    parsed, base_dir = load_recipe(recipe_path)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    stage_counts: dict[str, dict] = {}
+
+    def timed(stage: str, fn, *args):
+        t0 = time.perf_counter()
+        value = fn(*args)
+        timings[stage] = round(time.perf_counter() - t0, 3)
+        return value
+
+    ingested = timed("ingest", ingest_task, parsed, base_dir, quiet)
+    rows = ingested.records
+    stage_counts["ingest"] = {"in": rows.height + ingested.quarantine.height, "out": rows.height,
+                              "dropped": ingested.quarantine.height,
+                              "dropped_by_reason": {"quarantined": ingested.quarantine.height}
+                              if ingested.quarantine.height else {}}
+    logger.info("ingest: %d rows from %d files, %d quarantined", rows.height, len(ingested.files),
+                ingested.quarantine.height)
+
+    normalized = timed("normalize", normalize_task, rows, parsed, quiet)
+    stage_counts["normalize"] = _stage_counts(normalized, rows.height)
+    filtered = timed("filter", filter_task, normalized.kept, parsed, quiet)
+    stage_counts["filter"] = _stage_counts(filtered, normalized.kept.height)
+    deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
+    stage_counts["dedup"] = _stage_counts(deduped, filtered.kept.height)
+    for stage in ("normalize", "filter", "dedup"):
+        counts = stage_counts[stage]
+        logger.info("%s: %d in, %d out, dropped %s", stage, counts["in"], counts["out"], counts["dropped_by_reason"])
+
+    candidates, pair_pool, scorer = timed("score", score_task, deduped.kept, filtered.kept, parsed, quiet)
+    stage_counts["score"] = {"in": candidates.height, "out": candidates.height, "dropped": 0,
+                             "dropped_by_reason": {},
+                             "scored": int(candidates["score"].is_not_null().sum())}
+
+    selection = timed("select", select_task, candidates, pair_pool, parsed, quiet)
+    settlement = accounting.settle(
+        rows, [normalized.rejected, filtered.rejected, deduped.rejected, selection.rejected],
+        selection, ingested.quarantine.height)
+    select_reasons = selection.rejected.group_by("reason").len().sort("reason")
+    stage_counts["select"] = {
+        "in": candidates.height, "out": selection.sft.height + selection.prompts.height,
+        "dropped": selection.rejected.height,
+        "dropped_by_reason": dict(zip(select_reasons["reason"].to_list(), select_reasons["len"].to_list())),
+        **selection.stats,
+        "recovered_by_preference": settlement.recovered_by_preference,
+    }
+
+    manifest = {
+        "run_id": run_id,
+        "recipe_path": str(recipe_path.resolve()),
+        "recipe": parsed.model_dump(mode="json"),
+        "inputs": [dict(vars(f)) for f in ingested.files],
+        "stages": stage_counts,
+        "models": [vars(scorer)] if scorer is not None else [],
+        "package": {"name": "curation", "version": curation.__version__},
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "polars": pl.__version__, "pid": os.getpid()},
+        "times": {"started": started_at, "stage_seconds": timings},
+        "counts": settlement.counts,
+    }
+    manifest = timed("write", write_task, out_dir, parsed, ingested, selection, settlement, manifest, quiet)
+    manifest["times"]["stage_seconds"] = timings
+    manifest["times"]["total_seconds"] = round(time.perf_counter() - started, 3)
+    outputs.write_json_atomic(manifest, out_dir / "manifest.json")
+    counts = manifest["counts"]
+    logger.info("build %s: %d input records -> %d kept, %d rejected, %d quarantined; conservation holds",
+                run_id, counts["input_records"], counts["kept"], counts["rejected"], counts["quarantined"])
+    return manifest
