@@ -126,21 +126,22 @@ def _pair_rows(chosen: pl.DataFrame, rejected: pl.DataFrame, pair_source: str) -
     """Build PREFERENCE_SCHEMA rows from aligned chosen/rejected frames (same height, same prompt)."""
     if chosen.is_empty():
         return _schema_frame(PREFERENCE_SCHEMA)
-    frame = pl.DataFrame({
-        "prompt": chosen["messages"].list.slice(0, chosen["messages"].list.len() - 1),
-        "chosen": chosen["messages"].list.slice(-1, 1),
-        "rejected": rejected["messages"].list.slice(-1, 1),
-        "prompt_id": chosen["prompt_id"],
-        "chosen_id": chosen["id"],
-        "rejected_id": rejected["id"],
-        "chosen_score": chosen["score"],
-        "rejected_score": rejected["score"],
-        "chosen_generator": chosen["generator"],
-        "rejected_generator": rejected["generator"],
-        "pair_source": pl.Series([pair_source] * chosen.height, dtype=pl.String),
-        "source": chosen["source"],
-        "language": chosen["language"],
-    })
+    messages = pl.col("messages")
+    left = chosen.select(
+        messages.list.head(messages.list.len() - 1).alias("prompt"),
+        messages.list.tail(1).alias("chosen"),
+        "prompt_id",
+        pl.col("id").alias("chosen_id"),
+        pl.col("score").alias("chosen_score"),
+        pl.col("generator").alias("chosen_generator"),
+        "source", "language")
+    right = rejected.select(
+        messages.list.tail(1).alias("rejected"),
+        pl.col("id").alias("rejected_id"),
+        pl.col("score").alias("rejected_score"),
+        pl.col("generator").alias("rejected_generator"))
+    frame = pl.concat([left, right], how="horizontal").with_columns(
+        pl.lit(pair_source, dtype=pl.String).alias("pair_source")).select(PREFERENCE_SCHEMA.names)
     return frame.cast(_schema_frame(PREFERENCE_SCHEMA).schema)
 
 
