@@ -12,6 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+# Offline by default: nothing may fetch weights or data from a hub, and Prefect sends no analytics.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                     "DO_NOT_TRACK": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
 
 def _build(args: argparse.Namespace) -> int:
     from curation.recipe import load_recipe
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curate: interrupted", file=sys.stderr)
         return 130
+    except (OSError, ValueError) as error:
+        print(f"curate: {type(error).__name__}: {error}; rerun with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
