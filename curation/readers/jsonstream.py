@@ -15,7 +15,7 @@ import codecs
 import gzip
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -38,9 +38,9 @@ class RawRecord:
 
     label: str              # 'line' (1-based) or 'index' (0-based)
     number: int
-    offset: int             # byte offset in the decompressed stream
-    length: int
-    raw: bytes
+    offset: int | None      # byte offset in the decompressed stream (None for Parquet rows)
+    length: int | None
+    raw: bytes | None       # None for Parquet rows (rebuilt as JSON when quarantined)
     value: Any = None
     error: str | None = None  # set when the raw text is not a valid record
 
@@ -354,11 +354,13 @@ def first_json_record(path: Path) -> Any:
     return None
 
 
-def sketch_object(stream: TextStream, max_members: int = 64) -> dict | None:
-    """Keys of the top-level object at the stream position, for detection.
+def sketch_object(stream: TextStream, enough: Callable[[dict], bool] = lambda sketch: False,
+                  max_members: int = 256) -> dict | None:
+    """Members of the top-level object at the stream position, for detection.
 
-    Array-valued members are stood in for by a one-element list (their first element),
-    so a report with a huge array is recognised without loading it.
+    An array-valued member is stood in for by its first element (a one-element list), and
+    reading stops as soon as ``enough(sketch)`` holds, so a report with a huge array is
+    recognised without loading it. Returns what was read before any fault.
     """
     if not stream.take("{"):
         return None
@@ -369,17 +371,19 @@ def sketch_object(stream: TextStream, max_members: int = 64) -> dict | None:
                 break
             key, _text = stream.read_value()
             if not isinstance(key, str) or not stream.take(":"):
-                return None
+                break
             if stream.peek() == "[":
-                first = None
-                for element in iter_array(stream):
-                    first = element.value
+                elements = iter_array(stream)
+                first = next(elements, None)
+                sketch[key] = [] if first is None else [first.value]
+                if enough(sketch):
                     break
-                sketch[key] = [first] if first is not None else []
-                return sketch  # the rest of the array is not needed to classify
-            sketch[key], _text = stream.read_value()
+                for _skipped in elements:
+                    pass
+            else:
+                sketch[key], _text = stream.read_value()
             if not stream.take(","):
                 break
     except (json.JSONDecodeError, RecursionError, ContainerError):
-        return sketch or None
-    return sketch
+        pass
+    return sketch or None
