@@ -25,7 +25,7 @@ from curation.readers.detect import classify, detect_format
 from curation.readers.hh import hh_rlhf
 from curation.readers.instruct import alpaca, dolly, iter_parquet, mapped, parquet_raw, self_instruct_seed
 from curation.readers.jsonstream import (PARQUET_MAGIC, SURROGATE_ESCAPE, ContainerError, RawRecord,
-                                         is_blank_stream, iter_json_records, sniff)
+                                         is_blank_stream, is_empty_array, iter_json_records, sniff)
 from curation.readers.oasst import iter_sampling, oasst_sampling, oasst_tree
 from curation.readers.prompts import question_prompts
 
@@ -82,7 +82,8 @@ class ReadBatch:
     rows: list[dict]
     quarantine: list[dict]
     raw_records: int
-    capped: bool = False  # the read stopped at the source's max_records with records left in the file
+    capped: bool = False       # the read stopped at the source's max_records with records left in the file
+    format: str | None = None  # the reader used (None when the format could not be detected)
 
 
 @dataclass
@@ -94,14 +95,15 @@ class _Sink:
     rows: list[dict] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
     raw_records: int = 0
+    format: str | None = None
 
     def quarantined(self, error: str, line: int | None = None, offset: int | None = None,
                     raw: bytes | None = b"") -> None:
         self.quarantine.append({"source": self.source, "source_file": self.source_file, "line": line,
-                                "offset": offset, "error": error, "raw": raw})
+                                "offset": offset, "error": " ".join(error.split()), "raw": raw})
 
     def batch(self, capped: bool = False) -> ReadBatch:
-        out = ReadBatch(self.rows, self.quarantine, self.raw_records, capped)
+        out = ReadBatch(self.rows, self.quarantine, self.raw_records, capped, self.format)
         self.rows, self.quarantine, self.raw_records = [], [], 0
         return out
 
@@ -139,7 +141,7 @@ def read_file(path: Path, source: SourceConfig, file_key: str, batch_size: int =
     sink = _Sink(source.name, resolved)
     try:
         sha = sha256 or file_sha256(path)
-        if is_blank_stream(path):
+        if is_blank_stream(path) or is_empty_array(path):
             sink.quarantined("empty file: no records", raw=b"")
             yield sink.batch()
             return
@@ -155,6 +157,7 @@ def read_file(path: Path, source: SourceConfig, file_key: str, batch_size: int =
         return
 
     fmt = FORMATS[name]
+    sink.format = name
     ctx = Context(file_key=file_key, columns=dict(source.columns))
     base = {"source": source.name, "source_file": resolved, "source_sha256": sha, "format": name}
     override = source.generator
@@ -181,7 +184,7 @@ def read_file(path: Path, source: SourceConfig, file_key: str, batch_size: int =
         if close is not None:
             close()
     if read == 0 and not sink.quarantine and not capped:
-        sink.quarantined("empty file: no records", raw=b"")
+        sink.quarantined(f"no records: the file holds no {name} record", raw=b"")
     yield sink.batch(capped)
 
 

@@ -59,12 +59,9 @@ class ContainerError(Exception):
 
 def open_binary(path: Path) -> IO[bytes]:
     """The decompressed byte stream of ``path``; gzip is recognised by its magic bytes, not its name."""
-    handle = open(path, "rb")
-    magic = handle.read(2)
-    handle.seek(0)
-    if magic == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=handle, mode="rb")  # closing it does not close handle
-    return handle
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
 
 
 def sniff(path: Path, size: int = 4096) -> bytes:
@@ -77,7 +74,7 @@ def is_blank_stream(path: Path) -> bool:
     """True when the decompressed file holds nothing but whitespace (or a BOM)."""
     with open_binary(path) as stream:
         first = True
-        while block := stream.read(CHUNK):
+        while block := stream.read(1 << 16):
             if first and block.startswith(b"\xef\xbb\xbf"):
                 block = block[3:]
             first = False
@@ -171,9 +168,11 @@ class TextStream:
             self.pos, self.byte_pos = 1, 3
 
     def _fill(self, want: int) -> bool:
-        """Read until at least ``want`` more characters are buffered past pos; False at EOF."""
+        """Read until at least ``want`` characters are buffered past pos; False when nothing was added."""
+        if self.eof or len(self.buf) - self.pos >= want:
+            return False
         if self.pos > (1 << 16) and self.pos > len(self.buf) // 2:
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.buf, self.pos = self.buf[self.pos:], 0  # drop what was consumed
         added = False
         while not self.eof and len(self.buf) - self.pos < want:
             block = self.stream.read(max(self.chunk, want))
@@ -207,6 +206,12 @@ class TextStream:
 
     def read_value(self) -> tuple[Any, str]:
         """Decode the next JSON value; returns (value, its text). Raises JSONDecodeError at a real error."""
+        value, text = self.decode_next()
+        self.byte_pos += byte_len(text)
+        return value, text
+
+    def decode_next(self) -> tuple[Any, str]:
+        """Like read_value, but the caller advances ``byte_pos`` (it encodes the text anyway)."""
         self.skip_ws()
         while True:
             try:
@@ -216,25 +221,26 @@ class TextStream:
                 if self._fill(max(self.chunk, 2 * (len(self.buf) - self.pos))):
                     continue
                 raise
-            if end == len(self.buf) and self._fill(1):
-                continue  # a number at the buffer edge may continue
+            if type(value) in (int, float) and len(self.buf) - end < 3 and self._fill(end - self.pos + 3):
+                continue  # a number near the buffer edge may go on ("5." + "5e+" + "10") in the next chunk
             text = self.buf[self.pos:end]
             self.pos = end
             return value, text
 
     def rest(self) -> str:
         """Everything from pos to the end of the input (for quarantining a malformed tail)."""
-        while self._fill(max(self.chunk, len(self.buf))):
-            pass
+        while not self.eof:
+            self._fill(len(self.buf) - self.pos + self.chunk)
         text = self.buf[self.pos:]
         self.pos = len(self.buf)
         return text
 
 
-def _element(stream: TextStream, label: str, number: int) -> RawRecord:
+def read_element(stream: TextStream, label: str, number: int) -> RawRecord:
     """Read one value as a RawRecord; invalid UTF-8 inside it becomes the record's error."""
+    stream.skip_ws()
     offset = stream.byte_pos
-    value, text = stream.read_value()
+    value, text = stream.decode_next()
     try:
         raw = text.encode("utf-8")
         error = None
@@ -245,12 +251,18 @@ def _element(stream: TextStream, label: str, number: int) -> RawRecord:
     return RawRecord(label, number, offset, len(raw), raw, value, error)
 
 
-def _tail_error(stream: TextStream, what: str, number: int, exc: Exception) -> ContainerError:
+def tail_error(stream: TextStream, what: str, number: int, exc: Exception) -> ContainerError:
+    stream.skip_ws()
     offset = stream.byte_pos
+    detail = "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        detail = exc.msg
+        if exc.doc is stream.buf and exc.pos >= stream.pos:  # the error is in the current window
+            at = offset + byte_len(stream.buf[stream.pos:exc.pos])
+            detail += f" byte {at}" if detail.endswith(" at") else f" at byte {at}"
     raw = stream.rest().encode("utf-8", "surrogateescape")
-    detail = _json_error(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-    return ContainerError(f"{what} {number} and everything after it is unreadable: {detail}; "
-                          "the elements before it were kept", number, offset, raw)
+    return ContainerError(f"{what} {number} and everything after it is unreadable (invalid JSON: {detail}); "
+                          "the ones before it were kept", number, offset, raw)
 
 
 def iter_array(stream: TextStream, label: str = "index") -> Iterator[RawRecord]:
@@ -266,9 +278,9 @@ def iter_array(stream: TextStream, label: str = "index") -> Iterator[RawRecord]:
         return
     while True:
         try:
-            record = _element(stream, label, number)
+            record = read_element(stream, label, number)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise _tail_error(stream, "element", number, exc) from None
+            raise tail_error(stream, "element", number, exc) from None
         yield record
         number += 1
         if stream.take(","):
@@ -276,7 +288,7 @@ def iter_array(stream: TextStream, label: str = "index") -> Iterator[RawRecord]:
         if stream.take("]"):
             return
         error = json.JSONDecodeError("Expecting ',' or ']' after an element", stream.buf, stream.pos)
-        raise _tail_error(stream, "element", number, error)
+        raise tail_error(stream, "element", number, error)
 
 
 def iter_values(stream: TextStream) -> Iterator[RawRecord]:
@@ -284,9 +296,9 @@ def iter_values(stream: TextStream) -> Iterator[RawRecord]:
     number = 0
     while stream.peek():
         try:
-            record = _element(stream, "index", number)
+            record = read_element(stream, "index", number)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise _tail_error(stream, "value", number, exc) from None
+            raise tail_error(stream, "value", number, exc) from None
         yield record
         number += 1
 
@@ -341,6 +353,15 @@ def iter_json_records(path: Path) -> Iterator[RawRecord]:
             check_end(stream)
         else:
             yield from iter_values(stream)
+
+
+def is_empty_array(path: Path) -> bool:
+    """True for a file that is just ``[]`` (no records, like an empty file)."""
+    if first_char(path) != "[":
+        return False
+    with open_binary(path) as binary:
+        stream = TextStream(binary)
+        return stream.take("[") and stream.take("]") and not stream.peek()
 
 
 def first_json_record(path: Path) -> Any:
