@@ -171,8 +171,13 @@ def native_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
 
 
 def score_pairs(candidates: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
-    """Pairs from scorer margins within each prompt."""
-    scored = candidates.filter(pl.col("score").is_not_null() & (pl.col("kind") == "conversation"))
+    """Pairs from scorer margins within each prompt.
+
+    Rows ranked by a human or judge (``rank`` set) are left to native pairs: a scorer must
+    not emit a pair that contradicts a human ranking of the same answers.
+    """
+    scored = candidates.filter(pl.col("score").is_not_null() & (pl.col("kind") == "conversation")
+                               & pl.col("rank").is_null())
     if scored.is_empty():
         return _schema_frame(PREFERENCE_SCHEMA)
     ordered = scored.sort(["prompt_id", "score", "id"], descending=[False, True, False]).with_columns(

@@ -76,8 +76,13 @@ def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResu
 
 @task(name="dedup", cache_policy=NO_CACHE)
 def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+    config = recipe.dedup
+    if not config.source_priority:
+        # A copy from a source that may feed SFT should survive, not one that cannot be selected.
+        sft_first = [s.name for s in recipe.sources if "sft" in s.use_for]
+        config = config.model_copy(update={"source_priority": sft_first})
     with _bar("dedup", records.height, quiet) as bar:
-        result = deduplicate(records, recipe.dedup)
+        result = deduplicate(records, config)
         bar.update(records.height)
     return result
 

