@@ -94,7 +94,8 @@ def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe
     to_score = pl.concat([candidates, ranked.join(candidates.select("id"), on="id", how="anti")])
     if recipe.score is None:
         return candidates, pair_pool, None
-    with _bar("score", to_score.height, quiet) as bar:
+    distinct = to_score.filter(pl.col("kind") == "conversation")["content_hash"].n_unique()
+    with _bar("score", distinct, quiet) as bar:
         seen = [0]
 
         def progress(rows: int) -> None:
@@ -102,7 +103,7 @@ def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe
             seen[0] = rows
 
         scored, info = score_records(to_score, recipe.score, progress=progress)
-        bar.update(to_score.height - seen[0])
+        bar.update(distinct - seen[0])
     scores = scored.select("id", "score", "scorer")
     attach = lambda frame: frame.drop("score", "scorer").join(scores, on="id", how="left")  # noqa: E731
     return attach(candidates), attach(pair_pool), info
