@@ -39,6 +39,13 @@ def _bar(stage: str, total: int | None, quiet: bool) -> tqdm:
                 file=sys.stderr)
 
 
+def _cumulative(bar: tqdm):
+    """A progress callback taking running totals (what stages report) for a bar that takes steps."""
+    def progress(done: int) -> None:
+        bar.update(done - bar.n)
+    return progress
+
+
 def _stage_counts(result: StageResult, rows_in: int) -> dict:
     return {"in": rows_in, "out": result.kept.height, "dropped": result.rejected.height,
             "dropped_by_reason": result.reasons}
@@ -47,14 +54,8 @@ def _stage_counts(result: StageResult, rows_in: int) -> dict:
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(recipe: Recipe, base_dir: Path, quiet: bool) -> IngestResult:
     with _bar("ingest", None, quiet) as bar:
-        seen = [0]
-
-        def progress(rows: int) -> None:
-            bar.update(rows - seen[0])
-            seen[0] = rows
-
-        result = ingest(list(recipe.sources), base_dir, progress=progress)
-        bar.update(result.records.height - seen[0])
+        result = ingest(list(recipe.sources), base_dir, progress=_cumulative(bar))
+        bar.update(result.records.height - bar.n)
     return result
 
 
@@ -96,14 +97,8 @@ def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe
         return candidates, pair_pool, None
     distinct = to_score.filter(pl.col("kind") == "conversation")["content_hash"].n_unique()
     with _bar("score", distinct, quiet) as bar:
-        seen = [0]
-
-        def progress(rows: int) -> None:
-            bar.update(rows - seen[0])
-            seen[0] = rows
-
-        scored, info = score_records(to_score, recipe.score, progress=progress)
-        bar.update(distinct - seen[0])
+        scored, info = score_records(to_score, recipe.score, progress=bar.update)
+        bar.update(distinct - bar.n)
     scores = scored.select("id", "score", "scorer")
     attach = lambda frame: frame.drop("score", "scorer").join(scores, on="id", how="left")  # noqa: E731
     return attach(candidates), attach(pair_pool), info
