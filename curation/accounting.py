@@ -39,8 +39,9 @@ def kept_ids(selection: Selection) -> pl.Series:
 
 
 def settle(ingested: pl.DataFrame, stage_rejections: list[pl.DataFrame], selection: Selection,
-           quarantined: int) -> Settlement:
-    """Final disposition of every ingested row. ``ingested`` needs the origin columns and messages."""
+           quarantined: int, scores: pl.DataFrame | None = None) -> Settlement:
+    """Final disposition of every ingested row. ``ingested`` needs the origin columns and messages;
+    ``scores`` (id, score) puts the score of rows that were scored before they were dropped."""
     kept = kept_ids(selection)
     all_rejections = pl.concat([empty_rejections(), *stage_rejections])
     duplicated = all_rejections.filter(pl.col("id").is_duplicated())
@@ -50,9 +51,11 @@ def settle(ingested: pl.DataFrame, stage_rejections: list[pl.DataFrame], selecti
                                 "passed on a row it also rejected")
     recovered = all_rejections.filter(pl.col("id").is_in(kept.implode())).height
     final = all_rejections.filter(~pl.col("id").is_in(kept.implode()))
+    if scores is None:
+        scores = pl.DataFrame(schema={"id": pl.String, "score": pl.Float64})
     rejected = final.join(
         ingested.select("id", "source", "source_file", "source_record", "messages"), on="id", how="left"
-    ).select(REJECTED_SCHEMA.names)
+    ).join(scores.select("id", "score").unique("id"), on="id", how="left").select(REJECTED_SCHEMA.names)
     counts = {
         "input_records": ingested.height + quarantined,
         "kept": kept.len(),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curation.dedup import DedupConfig
 from curation.filters import FilterConfig
@@ -60,6 +60,12 @@ class Recipe(BaseModel):
             seen.add(source.name)
         return sources
 
+    @model_validator(mode="after")
+    def _score_keep_needs_a_scorer(self) -> "Recipe":
+        if self.dedup.keep == "score" and self.score is None:
+            raise ValueError("dedup.keep is 'score' but the recipe has no score section; add one or use keep: rule")
+        return self
+
     def filter_config_for(self, source: RecipeSource) -> FilterConfig:
         merged = _deep_merge(self.filters.model_dump(), source.filters)
         return FilterConfig.model_validate(merged)
@@ -94,13 +100,15 @@ def _location(loc: tuple) -> str:
 def _one_line(error: ValidationError, where: str, prefix: tuple = ()) -> str:
     first = error.errors()[0]
     loc = _location(prefix + tuple(first["loc"]))
+    if first["type"] == "value_error" and not first["loc"] and not prefix:
+        return f"{where}: {first['msg'].removeprefix('Value error, ').rstrip('.')}"
     kind = first["type"]
     if kind == "extra_forbidden":
         message = "unknown key; check its spelling against schemas/recipe.schema.json"
     elif kind == "missing":
         message = "required key is missing"
     else:
-        message = first["msg"].rstrip(".")
+        message = first["msg"].removeprefix("Value error, ").rstrip(".")
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{where}: {loc}: {message}{suffix}"

@@ -174,21 +174,31 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
     stage_counts["normalize"] = _stage_counts(normalized, rows.height)
     filtered = timed("filter", filter_task, normalized.kept, parsed, quiet)
     stage_counts["filter"] = _stage_counts(filtered, normalized.kept.height)
-    deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
+    score_first = parsed.score is not None and parsed.dedup.keep == "score"
+    if score_first:
+        # Reward-aware dedup: score every survivor of the filter (each distinct content once),
+        # so each duplicate cluster keeps its best-scored member.
+        pair_pool, _, scorer = timed("score", score_task, filtered.kept, filtered.kept, parsed, quiet)
+        deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet)
+        candidates = deduped.kept
+    else:
+        deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
     stage_counts["dedup"] = _stage_counts(deduped, filtered.kept.height)
     for stage in ("normalize", "filter", "dedup"):
         counts = stage_counts[stage]
         logger.info("%s: %d in, %d out, dropped %s", stage, counts["in"], counts["out"], counts["dropped_by_reason"])
 
-    candidates, pair_pool, scorer = timed("score", score_task, deduped.kept, filtered.kept, parsed, quiet)
+    if not score_first:
+        candidates, pair_pool, scorer = timed("score", score_task, deduped.kept, filtered.kept, parsed, quiet)
     stage_counts["score"] = {"in": candidates.height, "out": candidates.height, "dropped": 0,
-                             "dropped_by_reason": {},
+                             "dropped_by_reason": {}, "before_dedup": score_first,
                              "scored": int(candidates["score"].is_not_null().sum())}
 
     selection = timed("select", select_task, candidates, pair_pool, parsed, quiet)
     settlement = accounting.settle(
         rows, [normalized.rejected, filtered.rejected, deduped.rejected, selection.rejected],
-        selection, ingested.quarantine.height)
+        selection, ingested.quarantine.height, scores=pl.concat([pair_pool.select("id", "score"),
+                                                                 candidates.select("id", "score")]))
     select_reasons = selection.rejected.group_by("reason").len().sort("reason")
     stage_counts["select"] = {
         "in": candidates.height, "out": selection.sft.height + selection.prompts.height,

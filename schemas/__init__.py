@@ -69,6 +69,7 @@ REJECTED_SCHEMA = pa.schema([
     pa.field("reason", pa.string(), nullable=False, metadata={"doc": "machine-readable reason, e.g. 'refusal'"}),
     pa.field("detail", pa.string(), metadata={"doc": "human-readable evidence, e.g. the matched phrase"}),
     pa.field("duplicate_of", pa.string(), metadata={"doc": "id of the row this one duplicated"}),
+    pa.field("score", pa.float64(), metadata={"doc": "scorer output, when the row was scored before it was dropped"}),
     pa.field("messages", MESSAGES),
 ])
 

@@ -100,3 +100,32 @@ def test_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["build", str(recipe), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "sources[0].formt: unknown key" in err
+
+
+def test_reward_aware_dedup_keeps_the_best_scored_copy(tmp_path):
+    """With dedup.keep: score the build scores before dedup; every dropped duplicate scored no
+    higher than the row it duplicated."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe["dedup"]["keep"] = "score"
+    for source in recipe["sources"]:
+        source["path"] = str((ROOT / "recipes" / source["path"]).resolve())
+    path = tmp_path / "score_keep.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["build", str(path), "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["score"]["before_dedup"] is True
+    rejected = _read(out, "rejected")
+    near = rejected.filter(pl.col("reason") == "near_duplicate")
+    assert near.height > 0 and near["score"].null_count() == 0
+    kept_scores = pl.concat([
+        _read(out, "sft").select("id", "score"),
+        _read(out, "preference").select(pl.col("chosen_id").alias("id"), pl.col("chosen_score").alias("score")),
+        _read(out, "preference").select(pl.col("rejected_id").alias("id"), pl.col("rejected_score").alias("score")),
+        rejected.select("id", "score"),
+    ]).unique("id")
+    pairs = near.join(kept_scores.rename({"id": "duplicate_of", "score": "kept_score"}), on="duplicate_of")
+    assert pairs.height == near.height
+    assert (pairs["kept_score"] >= pairs["score"]).all()

@@ -62,3 +62,8 @@ def test_source_filter_override_merges_over_recipe_filters():
 def test_json_schema_export_matches_shipped_file():
     shipped = yaml.safe_load((ROOT / "schemas" / "recipe.schema.json").read_text())
     assert shipped == recipe_json_schema(), "schemas/recipe.schema.json is stale: run `make schemas`"
+
+
+def test_score_keep_policy_needs_a_scorer():
+    with pytest.raises(RecipeError, match="dedup.keep is 'score' but the recipe has no score section"):
+        parse_recipe(_minimal(dedup={"keep": "score"}))
