@@ -22,6 +22,7 @@ from curation.normalize import NormalizeConfig
 from curation.outputs import OutputConfig
 from curation.score import ScoreConfig
 from curation.select import SelectConfig
+from curation.semantic_dedup import SemanticDedupConfig
 
 Use = Literal["sft", "preference", "prompts"]
 
@@ -46,6 +47,7 @@ class Recipe(BaseModel):
     normalize: NormalizeConfig = NormalizeConfig()
     filters: FilterConfig = FilterConfig()
     dedup: DedupConfig = DedupConfig()
+    semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
     score: ScoreConfig | None = Field(None, description="scorer; omit to select without scores")
     select: SelectConfig = SelectConfig()
     outputs: OutputConfig = OutputConfig()

@@ -29,6 +29,7 @@ from curation.normalize import normalize
 from curation.recipe import Recipe, load_recipe
 from curation.score import score_records
 from curation.select import Selection, select
+from curation.semantic_dedup import semantic_deduplicate
 from curation.stage import StageResult
 
 STAGES = ("ingest", "normalize", "filter", "dedup", "score", "select", "write")
@@ -86,6 +87,18 @@ def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResul
         result = deduplicate(records, config)
         bar.update(records.height)
     return result
+
+
+@task(name="semantic_dedup", cache_policy=NO_CACHE)
+def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> tuple[StageResult, dict]:
+    config = recipe.semantic_dedup
+    if config.enabled and not config.source_priority:
+        sft_first = [s.name for s in recipe.sources if "sft" in s.use_for]
+        config = config.model_copy(update={"source_priority": sft_first, "keep": recipe.dedup.keep})
+    with _bar("semantic", records.height, quiet or not config.enabled) as bar:
+        result, info = semantic_deduplicate(records, config)
+        bar.update(records.height)
+    return result, info
 
 
 @task(name="score", cache_policy=NO_CACHE)
@@ -180,23 +193,26 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         # so each duplicate cluster keeps its best-scored member.
         pair_pool, _, scorer = timed("score", score_task, filtered.kept, filtered.kept, parsed, quiet)
         deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet)
-        candidates = deduped.kept
     else:
         deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
     stage_counts["dedup"] = _stage_counts(deduped, filtered.kept.height)
-    for stage in ("normalize", "filter", "dedup"):
+    semantic, semantic_model = timed("semantic_dedup", semantic_dedup_task, deduped.kept, parsed, quiet)
+    stage_counts["semantic_dedup"] = _stage_counts(semantic, deduped.kept.height)
+    if score_first:
+        candidates = semantic.kept
+    for stage in ("normalize", "filter", "dedup", "semantic_dedup"):
         counts = stage_counts[stage]
         logger.info("%s: %d in, %d out, dropped %s", stage, counts["in"], counts["out"], counts["dropped_by_reason"])
 
     if not score_first:
-        candidates, pair_pool, scorer = timed("score", score_task, deduped.kept, filtered.kept, parsed, quiet)
+        candidates, pair_pool, scorer = timed("score", score_task, semantic.kept, filtered.kept, parsed, quiet)
     stage_counts["score"] = {"in": candidates.height, "out": candidates.height, "dropped": 0,
                              "dropped_by_reason": {}, "before_dedup": score_first,
                              "scored": int(candidates["score"].is_not_null().sum())}
 
     selection = timed("select", select_task, candidates, pair_pool, parsed, quiet)
     settlement = accounting.settle(
-        rows, [normalized.rejected, filtered.rejected, deduped.rejected, selection.rejected],
+        rows, [normalized.rejected, filtered.rejected, deduped.rejected, semantic.rejected, selection.rejected],
         selection, ingested.quarantine.height, scores=pl.concat([pair_pool.select("id", "score"),
                                                                  candidates.select("id", "score")]))
     select_reasons = selection.rejected.group_by("reason").len().sort("reason")
@@ -214,7 +230,8 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         "recipe": parsed.model_dump(mode="json"),
         "inputs": [dict(vars(f)) for f in ingested.files],
         "stages": stage_counts,
-        "models": [vars(scorer)] if scorer is not None else [],
+        "models": ([vars(scorer)] if scorer is not None else [])
+                  + ([{"name": "semantic-dedup", "kind": "embedding", **semantic_model}] if semantic_model else []),
         "package": {"name": "curation", "version": curation.__version__},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "polars": pl.__version__, "pid": os.getpid()},

@@ -276,7 +276,7 @@ def test_language_identification_is_deterministic(shared_data):
     assert codes[-2:] == ["und", "und"] and probs[-2:] == [0.0, 0.0]
     assert Counter(codes[:120])["en"] >= 118
     with pytest.raises(ValueError, match="unknown language engine"):
-        detect_languages(texts, "fasttext")
+        detect_languages(texts, "cld9")
 
 
 def test_per_source_override_keeps_hh_refusals(shared_data):
