@@ -248,7 +248,8 @@ def test_language_runs_last_and_only_on_survivors(shared_data, monkeypatch):
             + alpaca_rows(shared_data, "claude-3-5-sonnet-20240620", [462])  # a longer German reply
             + alpaca_rows(shared_data, "gpt4_0613", [296, 0, 1, 2])  # a refusal, then three good answers
             + alpaca_rows(shared_data, "gpt-3.5-turbo-0301", [199]))  # 'Write "Test"' / 'Test.': too short to judge
-    result = filter_records(prepared(rows), FilterConfig())
+    langdetect = FilterConfig(language=LanguageRule(engine="langdetect"))
+    result = filter_records(prepared(rows), langdetect)
     found = verdicts(result)
     assert found["alpaca_eval:vicuna-13b-v1.5:462"] == ("language",
                                                         "detected 'de' with probability 1.0 (>= 0.9); allowed: en")
@@ -261,9 +262,18 @@ def test_language_runs_last_and_only_on_survivors(shared_data, monkeypatch):
     assert kept["alpaca_eval:gpt-3.5-turbo-0301:199"] == (None, None)
     # a lower bar turns langdetect's mistakes into rejections: it calls this English maths answer Danish
     eggs = alpaca_rows(shared_data, "OpenHermes-2.5-Mistral-7B", [448])
-    assert filter_records(prepared(eggs), FilterConfig()).rejected.is_empty()
-    strict = FilterConfig(language=LanguageRule(min_confidence=0.5))
+    assert filter_records(prepared(eggs), langdetect).rejected.is_empty()
+    strict = FilterConfig(language=LanguageRule(engine="langdetect", min_confidence=0.5))
     assert verdicts(filter_records(prepared(eggs), strict))[eggs[0]["id"]][0] == "language"
+    # The default engine (fastText, threshold 0.5) makes the same calls on these rows.
+    default = filter_records(prepared(rows + eggs), FilterConfig())
+    found = verdicts(default)
+    assert found["alpaca_eval:vicuna-13b-v1.5:462"] == ("language",
+                                                        "detected 'de' with probability 0.983 (>= 0.5); allowed: en")
+    assert found["alpaca_eval:claude-3-5-sonnet-20240620:462"][0] == "language"
+    kept = default.kept.select("id", "language").rows_by_key("id", unique=True)
+    assert all(kept[f"alpaca_eval:gpt4_0613:{i}"] == ("en",) for i in (0, 1, 2))
+    assert eggs[0]["id"] in kept
 
 
 def test_language_identification_is_deterministic(shared_data):
