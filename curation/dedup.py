@@ -1,5 +1,10 @@
 """Dedup stage: drop exact duplicates (same ``content_hash``) and near duplicates (MinHash LSH).
 
+Near dedup: MinHash signatures of word-shingle sets, LSH banding for candidate pairs, each
+candidate verified by its estimated Jaccard (exact Jaccard when the estimate is close to the
+threshold), connected components as clusters. The default ``numpy`` backend does all of it
+vectorised over all rows; ``datasketch`` is the per-row reference with identical signatures.
+
 Duplicates waste training compute and over-weight whatever they say, so each cluster of
 copies keeps one row and rejects the others with ``duplicate_of`` pointing at the row that
 was kept. Which row is kept is decided by one total order over rows (see ``keep_order``),
@@ -8,6 +13,10 @@ so exact and near clusters agree and every rejection points straight at the kept
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -15,7 +24,7 @@ import polars as pl
 import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.sparse import coo_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curation.stage import StageResult, empty_rejections, rejections
@@ -25,13 +34,21 @@ _SCHEME = "affine32"  # datasketch permutation scheme, pinned so signatures do n
 
 # Odd 64-bit multiplier (golden ratio) used to fold word hashes into n-gram hashes.
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
-# LSH banding weights (false positive, false negative). Every candidate is verified by its
-# estimated Jaccard, so a false positive costs one vector compare while a false negative is
-# a duplicate kept: favour recall. At threshold 0.8 / 128 permutations this picks 16 bands
-# of 8 rows, making a pair with Jaccard 0.85 a candidate 99.4% of the time (datasketch's
-# default (0.5, 0.5) gives 9 x 13 and only 69%).
-_LSH_WEIGHTS = (0.05, 0.95)
+# LSH banding weights (false positive, false negative). Every candidate is verified, so a
+# false positive costs one vector compare while a false negative is a duplicate kept:
+# favour recall. At threshold 0.8 / 128 permutations this picks 18 bands of 7 rows, making
+# a pair with Jaccard 0.8 a candidate 98.6% of the time and one at 0.85 99.9% (datasketch's
+# default (0.5, 0.5) gives 9 x 13: 40% and 69%).
+_LSH_WEIGHTS = (0.01, 0.99)
 _VERIFY_CHUNK = 200_000  # candidate pairs compared per numpy step (bounds memory)
+# An LSH bucket (rows with identical values in one band) of at most this many rows yields all
+# its pairs; a larger one links every member to its first (lowest-index) member only, so a
+# bucket of k copies costs k - 1 pairs instead of k(k-1)/2. See ``candidate_pairs``.
+_BUCKET_ALL_PAIRS = 64
+# MurmurHash3 32-bit finalizer, datasketch's pre-mix of input hashes for the affine32 scheme.
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+_SIGNATURE_BATCH = 4096  # rows hashed per step of the numpy backend
+_BAND_MULTIPLIER = np.uint64(0xFF51AFD7ED558CCD)
 
 
 class NearDedupConfig(BaseModel):
@@ -39,7 +56,7 @@ class NearDedupConfig(BaseModel):
 
     enabled: bool = Field(True, description="run near-duplicate detection after exact dedup")
     threshold: float = Field(0.8, gt=0.0, lt=1.0,
-                             description="estimated Jaccard similarity of shingle sets at or above which two rows are near duplicates")
+                             description="Jaccard similarity of shingle sets at or above which two rows are near duplicates")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: finer Jaccard estimates, slower)")
     shingle_words: int = Field(5, ge=1, le=50, description="words per shingle (word n-grams)")
     field: Literal["conversation", "text", "prompt", "answer"] = Field(
@@ -48,6 +65,13 @@ class NearDedupConfig(BaseModel):
                     "one long prompt are not duplicates); 'text': the whole conversation as one text; 'prompt' or "
                     "'answer' alone")
     seed: int = Field(1, ge=0, description="MinHash permutation seed; results are identical for a fixed seed")
+    exact_margin: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="candidate pairs whose estimated Jaccard is within this of the threshold are decided on their exact "
+                    "Jaccard (of the shingle hash sets) instead; 0 decides on the estimate alone")
+    backend: Literal["numpy", "datasketch"] = Field(
+        "numpy", description="'numpy': signatures and LSH banding vectorised over all rows at once; 'datasketch': "
+                             "the reference path, one datasketch MinHash and LSH query per row (same signatures, slower)")
 
     @model_validator(mode="after")
     def _bandable(self) -> NearDedupConfig:
@@ -90,22 +114,26 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
 
     # Near: cluster the exact survivors that are conversations; rep maps each to its cluster's keeper.
     rep = exact_rep.copy()
-    similarity = np.full(n, np.nan)  # estimated Jaccard of a near-dropped row with its keeper
+    jaccard = np.full(n, np.nan)  # Jaccard of a near-dropped row with its keeper
     survivors = np.flatnonzero((exact_rep == np.arange(n)) & (frame["kind"] == "conversation").to_numpy())
     if config.near.enabled and survivors.size > 1:
         field = config.near.field
         texts = dedup_texts(frame[survivors], "answer" if field == "conversation" else field)
-        signatures = minhash_signatures(texts, config.near)
-        left, right, _ = candidate_pairs(signatures, config.near)
+        sketches = sketch(texts, config.near)
+        shingles = (sketches.hashes, sketches.offsets)
         if field == "conversation":
             # Similar answers are duplicates only when they answer a similar prompt.
-            prompt_signatures = minhash_signatures(dedup_texts(frame[survivors], "prompt"), config.near)
-            close = _estimated_jaccard(prompt_signatures, left, right) >= config.near.threshold
+            prompts = sketch(dedup_texts(frame[survivors], "prompt"), config.near)
+            left, right, _ = candidate_pairs(sketches.signatures, config.near, shingles, within=prompts.signatures)
+            close = similarity(prompts.signatures, (prompts.hashes, prompts.offsets), left, right,
+                               config.near) >= config.near.threshold
             left, right = left[close], right[close]
+        else:
+            left, right, _ = candidate_pairs(sketches.signatures, config.near, shingles)
         local_rep = _cluster_keepers(len(survivors), left, right, pref[survivors])
         near_rep = survivors[local_rep]
         moved = np.flatnonzero(local_rep != np.arange(len(survivors)))
-        similarity[survivors[moved]] = _estimated_jaccard(signatures, moved, local_rep[moved])
+        jaccard[survivors[moved]] = exact_jaccard(*shingles, moved, local_rep[moved])
         rep[survivors] = near_rep
         rep = rep[exact_rep]  # exact copies follow their representative to the final keeper
 
@@ -124,7 +152,7 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
         "_exact": exact_rep[dropped] != dropped,
         "_exact_of": ids.gather(exact_rep[dropped]),
         "_kept": ids.gather(rep[dropped]),
-        "_jaccard": similarity[exact_rep[dropped]],
+        "_jaccard": jaccard[exact_rep[dropped]],
     })
     threshold = config.near.threshold
     hundredths = (pl.col("_jaccard") * 100).round().cast(pl.Int64)
@@ -207,20 +235,20 @@ def shingle_hashes(texts: pl.Series, shingle_words: int) -> tuple[np.ndarray, np
     words = lowered.str.extract_all(r"\w+")
     lengths = words.list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = words.explode(empty_as_null=False).drop_nulls()
-    distinct = flat.unique()
-    word_hash = pl.Series([xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass")) for w in distinct.to_list()],
-                          dtype=pl.UInt64)
-    h = flat.replace_strict(distinct, word_hash, return_dtype=pl.UInt64).to_numpy()
+    # A private categorical numbers the distinct words 0..k-1 (faster than unique + replace).
+    vocabulary = pl.Categorical(pl.Categories.random())
+    coded = flat.cast(vocabulary)  # keep alive while reading the categories: they are freed with it
+    word_hash = np.array([xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass"))
+                          for w in vocabulary.categories.to_series().to_list()], dtype=np.uint64)
+    h = word_hash[coded.to_physical().to_numpy()]
 
     total = h.size
     gram = h.copy()
     for k in range(1, n):
-        shifted = np.zeros(total, dtype=np.uint64)
-        shifted[: total - k] = h[k:]
-        gram = (gram * _NGRAM_MULTIPLIER) ^ shifted
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    position = np.arange(total) - np.repeat(starts, lengths)
-    valid = position <= np.repeat(lengths, lengths) - n
+        gram *= _NGRAM_MULTIPLIER
+        gram[: total - k] ^= h[k:]
+    ends = np.cumsum(lengths)
+    valid = np.arange(total) <= np.repeat(ends - n, lengths)
     gram32 = _fold32(gram[valid])
     per_text = np.maximum(lengths - n + 1, 0)
 
@@ -245,20 +273,215 @@ def shingle_hashes(texts: pl.Series, shingle_words: int) -> tuple[np.ndarray, np
     return out, offsets
 
 
-def minhash_signatures(texts: pl.Series, config: NearDedupConfig) -> np.ndarray:
-    """MinHash signature (num_perm uint32 values) of each text's shingle set, one row per text."""
+@dataclass(frozen=True)
+class Sketches:
+    """MinHash signatures of texts and the shingle hashes they were built from."""
+
+    signatures: np.ndarray  # (texts, num_perm) uint32
+    hashes: np.ndarray  # flat uint32 shingle hashes; text i has hashes[offsets[i]:offsets[i + 1]]
+    offsets: np.ndarray
+
+
+def sketch(texts: pl.Series, config: NearDedupConfig) -> Sketches:
+    """Shingle hashes and MinHash signatures (num_perm uint32 values per text).
+
+    Both backends give identical signatures: datasketch's affine32 scheme (MurmurHash3
+    finalizer on the input hash, then ``a*h + b`` mod 2^32 with ``a`` odd, parameters drawn
+    from ``np.random.RandomState(seed)``), so either can stand in for the other.
+    """
+    if config.backend == "numpy":
+        # Batches of rows bound memory (one batch's work arrays per thread) and use every
+        # core: polars and numpy release the GIL for the heavy steps.
+        batches = [texts.slice(start, _SIGNATURE_BATCH) for start in range(0, len(texts), _SIGNATURE_BATCH)]
+        if len(batches) <= 1:
+            return _batch_sketch(texts, config)
+        with ThreadPoolExecutor(_workers()) as pool:
+            parts = list(pool.map(lambda batch: _batch_sketch(batch, config), batches))
+        shift = np.cumsum([0] + [part.hashes.size for part in parts[:-1]])
+        return Sketches(np.concatenate([part.signatures for part in parts]),
+                        np.concatenate([part.hashes for part in parts]),
+                        np.concatenate([[0]] + [part.offsets[1:] + s for part, s in zip(parts, shift)]))
     hashes, offsets = shingle_hashes(texts, config.shingle_words)
     template = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=_identity, scheme=_SCHEME)
     signatures = np.empty((len(texts), config.num_perm), dtype=np.uint32)
     for i in range(len(texts)):
-        sketch = template.copy()
-        sketch.update_batch(hashes[offsets[i]: offsets[i + 1]].tolist())
-        signatures[i] = sketch.hashvalues
-    return signatures
+        minhash = template.copy()
+        minhash.update_batch(hashes[offsets[i]: offsets[i + 1]].tolist())
+        signatures[i] = minhash.hashvalues
+    return Sketches(signatures, hashes, offsets)
 
 
-def candidate_pairs(signatures: np.ndarray, config: NearDedupConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (left < right) that share an LSH band and whose estimated Jaccard >= threshold."""
+def minhash_signatures(texts: pl.Series, config: NearDedupConfig) -> np.ndarray:
+    """MinHash signature (num_perm uint32 values) of each text's shingle set, one row per text."""
+    return sketch(texts, config).signatures
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) uint32 parameters datasketch's affine32 MinHash draws for ``seed``."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _batch_sketch(texts: pl.Series, config: NearDedupConfig) -> Sketches:
+    """One batch: per permutation, one pass over the batch's flat shingle hashes and a
+    ``minimum.reduceat`` at the text offsets (one shingle-sized buffer)."""
+    hashes, offsets = shingle_hashes(texts, config.shingle_words)
+    n = offsets.size - 1
+    signatures = np.empty((config.num_perm, n), dtype=np.uint32)
+    if n == 0:
+        return Sketches(signatures.T.copy(), hashes, offsets)
+    s1, m1, s2, m2, s3 = _FMIX32
+    mixed = hashes.astype(np.uint32, copy=True)
+    mixed ^= mixed >> s1
+    mixed *= m1
+    mixed ^= mixed >> s2
+    mixed *= m2
+    mixed ^= mixed >> s3
+    a, b = permutations(config.num_perm, config.seed)
+    starts = offsets[:-1]  # shingle_hashes gives every text at least one shingle
+    buffer = np.empty(mixed.size, dtype=np.uint32)
+    for k in range(config.num_perm):
+        np.multiply(mixed, a[k], out=buffer)
+        np.add(buffer, b[k], out=buffer)
+        np.minimum.reduceat(buffer, starts, out=signatures[k])
+    return Sketches(np.ascontiguousarray(signatures.T), hashes, offsets)
+
+
+def _workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def candidate_pairs(signatures: np.ndarray, config: NearDedupConfig,
+                    shingles: tuple[np.ndarray, np.ndarray] | None = None,
+                    within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (left < right, sorted) that share an LSH band and whose Jaccard >= threshold, with it.
+
+    The Jaccard is the signatures' estimate, except that with ``shingles`` (hashes, offsets
+    as in ``Sketches``) a pair whose estimate is within ``exact_margin`` of the threshold
+    gets its exact Jaccard: at 128 permutations the estimate's standard error near 0.8 is
+    0.035, so deciding on it alone misjudges many pairs close to the threshold.
+
+    Banding is datasketch's (same bands and rows for the config). The numpy backend groups
+    equal band keys by sorting. A bucket larger than ``_BUCKET_ALL_PAIRS`` rows does not yield
+    all k(k-1)/2 pairs: it is split by the bands of ``within`` (signatures of a second text
+    that must be similar too: conversation mode's prompts) when given, and each remaining big
+    bucket pairs its members with its first member only. Clusters are connected components,
+    so a member that verifies against the first member lands in the same cluster as with all
+    pairs; a big bucket means many rows identical in a whole band, in practice copies of one
+    text, so little is lost (see the tests for a measurement).
+    """
+    if config.backend == "numpy":
+        left, right = _numpy_band_pairs(signatures, *_bands(config.threshold, config.num_perm), within)
+    else:
+        left, right = _datasketch_band_pairs(signatures, config)
+    jaccard = similarity(signatures, shingles, left, right, config)
+    close = jaccard >= config.threshold
+    return left[close], right[close], jaccard[close]
+
+
+def similarity(signatures: np.ndarray, shingles: tuple[np.ndarray, np.ndarray] | None,
+               left: np.ndarray, right: np.ndarray, config: NearDedupConfig) -> np.ndarray:
+    """Estimated Jaccard of each pair, exact for those within ``exact_margin`` of the threshold
+    when the shingles are given."""
+    jaccard = _estimated_jaccard(signatures, left, right)
+    if shingles is not None and config.exact_margin > 0:
+        unsure = np.flatnonzero(np.abs(jaccard - config.threshold) < config.exact_margin)
+        jaccard[unsure] = exact_jaccard(*shingles, left[unsure], right[unsure])
+    return jaccard
+
+
+def exact_jaccard(hashes: np.ndarray, offsets: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Jaccard of the shingle hash sets of each pair (left[i], right[i]).
+
+    One sparse 0/1 row per text involved, the 32-bit hash as column: the intersection of a
+    pair is the row-wise product of its two rows.
+    """
+    if left.size == 0:
+        return np.empty(0, dtype=np.float64)
+    docs, inverse = np.unique(np.concatenate([left, right]), return_inverse=True)
+    counts = offsets[docs + 1] - offsets[docs]
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    positions = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - offsets[docs], counts)
+    matrix = csr_matrix((np.ones(indptr[-1], dtype=np.float32), hashes[positions].astype(np.int64), indptr),
+                        shape=(docs.size, 1 << 32))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1
+    sizes = np.diff(matrix.indptr)
+    a, b = inverse[:left.size], inverse[left.size:]
+    intersection = np.asarray(matrix[a].multiply(matrix[b]).sum(axis=1)).ravel()
+    return intersection / (sizes[a] + sizes[b] - intersection)
+
+
+def _numpy_band_pairs(signatures: np.ndarray, bands: int, rows: int,
+                      within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    n = signatures.shape[0]
+    found = []
+    everyone = np.arange(n, dtype=np.int64)
+    for band in range(bands):
+        big, big_key = _bucket_pairs(_band_key(signatures, band, rows, np.uint64(band)), everyone, found)
+        if big.size == 0:
+            continue
+        if within is None:
+            _star(big, big_key, found)
+            continue
+        # Conversation mode: split each big bucket by the prompts' bands, so identical short
+        # answers ("Thank you!") to different prompts do not all hang off one first member.
+        for other in range(bands):
+            big2, big2_key = _bucket_pairs(_band_key(within[big], other, rows, big_key), big, found)
+            _star(big2, big2_key, found)
+    if not found:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    pairs = np.concatenate(found, axis=1)
+    low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
+    code = np.unique(low * n + high)
+    return code // n, code % n
+
+
+def _band_key(signatures: np.ndarray, band: int, rows: int, start: np.ndarray | np.uint64) -> np.ndarray:
+    """One 64-bit key per row for its values in ``band`` (multiply-xor from ``start``). A rare
+    collision only adds a candidate that verification then rejects."""
+    key = np.zeros(signatures.shape[0], dtype=np.uint64) ^ start
+    for column in signatures[:, band * rows:(band + 1) * rows].T:
+        key = (key ^ column.astype(np.uint64)) * _BAND_MULTIPLIER
+        key ^= key >> np.uint64(29)
+    return key
+
+
+def _bucket_pairs(key: np.ndarray, ids: np.ndarray, found: list) -> tuple[np.ndarray, np.ndarray]:
+    """Append all pairs of ids sharing a key, for buckets of at most _BUCKET_ALL_PAIRS; return
+    the members of bigger buckets (by bucket, lowest id first) and their keys."""
+    order = np.argsort(key, kind="stable")  # ids are ascending: equal keys keep the lowest id first
+    sorted_key = key[order]
+    m = key.size
+    new_group = np.ones(m, dtype=bool)
+    new_group[1:] = sorted_key[1:] != sorted_key[:-1]
+    group = np.cumsum(new_group) - 1
+    group_start = np.flatnonzero(new_group)
+    size = np.diff(np.append(group_start, m))[group]
+    position = np.arange(m) - group_start[group]
+    # All pairs of a small bucket, as offsets d = 1..size-1 from each member.
+    members = np.flatnonzero((size > 1) & (size <= _BUCKET_ALL_PAIRS))
+    for d in range(1, int(size[members].max(initial=1))):
+        members = members[position[members] + d < size[members]]
+        if members.size == 0:
+            break
+        found.append(np.stack([ids[order[members]], ids[order[members + d]]]))
+    big = np.flatnonzero(size > _BUCKET_ALL_PAIRS)
+    return ids[order[big]], sorted_key[big]
+
+
+def _star(members: np.ndarray, key: np.ndarray, found: list) -> None:
+    """Pair every member of a big bucket (grouped, first member first) with its first member."""
+    if members.size == 0:
+        return
+    first = np.ones(members.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    found.append(np.stack([members[np.flatnonzero(first)[np.cumsum(first) - 1]], members])[:, ~first])
+
+
+def _datasketch_band_pairs(signatures: np.ndarray, config: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
     lsh = _lsh_index(config)
     sketches = [LeanMinHash(seed=config.seed, hashvalues=row, scheme=_SCHEME) for row in signatures]
     with lsh.insertion_session() as session:
@@ -273,10 +496,7 @@ def candidate_pairs(signatures: np.ndarray, config: NearDedupConfig) -> tuple[np
     left_arr = np.array(left, dtype=np.int64)
     right_arr = np.array(right, dtype=np.int64)
     order = np.lexsort((right_arr, left_arr))
-    left_arr, right_arr = left_arr[order], right_arr[order]
-    jaccard = _estimated_jaccard(signatures, left_arr, right_arr)
-    close = jaccard >= config.threshold
-    return left_arr[close], right_arr[close], jaccard[close]
+    return left_arr[order], right_arr[order]
 
 
 def _lsh_index(config: NearDedupConfig) -> MinHashLSH:
@@ -285,6 +505,13 @@ def _lsh_index(config: NearDedupConfig) -> MinHashLSH:
     except ValueError as error:
         raise ValueError(f"near dedup cannot split num_perm={config.num_perm} into LSH bands for threshold="
                          f"{config.threshold} ({error}); raise num_perm or lower the threshold") from None
+
+
+@lru_cache(maxsize=64)
+def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) exactly as datasketch's MinHashLSH picks them for our weights."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=_LSH_WEIGHTS)
+    return lsh.b, lsh.r
 
 
 def _cluster_keepers(n: int, left: np.ndarray, right: np.ndarray, pref: np.ndarray) -> np.ndarray:

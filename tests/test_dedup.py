@@ -16,8 +16,11 @@ from pydantic import ValidationError
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from curation.dedup import (DedupConfig, NearDedupConfig, candidate_pairs, dedup_texts, deduplicate,
-                            minhash_signatures)
+from datasketch import MinHash
+
+from curation import dedup
+from curation.dedup import (DedupConfig, NearDedupConfig, candidate_pairs, dedup_texts, deduplicate, exact_jaccard,
+                            permutations, sketch)
 from curation.hashing import file_sha256, row_id, stable_hash
 from curation.stage import records_frame
 
@@ -230,29 +233,112 @@ def test_sharegpt_identity_chats_collapse_within_reference_bounds(shared_data):
     assert looser.kept.height < 0.2 * frame.height  # by design almost all one identity Q&A
 
 
+def _sampled_prompt_rows(data: Path, n_prompts: int = 40, seed: int = 7) -> list[dict]:
+    """Every model's conversation for n random AlpacaEval prompts (40 prompts: 2.7k rows)."""
+    rng = random.Random(seed)
+    prompts = {r["instruction"] for r in rng.sample(list(_alpaca_outputs(data, "gpt4_0613")), n_prompts)}
+    return [r for m in _all_models(data)
+            for r in _alpaca_rows(data, m, keep=lambda i, rec: rec["instruction"] in prompts)]
+
+
 def test_lsh_pairs_against_brute_force_jaccard(shared_data):
-    """Precision and recall of the verified LSH pairs on 2.7k real conversations (40 prompts x 67 models)."""
-    rng = random.Random(7)
-    prompts = {r["instruction"] for r in rng.sample(list(_alpaca_outputs(shared_data, "gpt4_0613")), 40)}
-    rows = [r for m in _all_models(shared_data)
-            for r in _alpaca_rows(shared_data, m, keep=lambda i, rec: rec["instruction"] in prompts)]
+    """Precision and recall of the verified LSH pairs on 2.7k real conversations (40 prompts x 67 models),
+    deciding on the MinHash estimate alone, then with exact Jaccard for pairs near the threshold."""
+    rows = _sampled_prompt_rows(shared_data)
     frame = records_frame(rows)
     config = NearDedupConfig()
-    signatures = minhash_signatures(dedup_texts(frame, "text"), config)
-    left, right, estimate = candidate_pairs(signatures, config)
-    found = dict(zip(zip(left.tolist(), right.tolist()), estimate.tolist()))
+    sketches = sketch(dedup_texts(frame, "text"), config)
     exact = _exact_jaccard_pairs([_ref_text(r["messages"]) for r in rows])
 
+    left, right, estimate = candidate_pairs(sketches.signatures, config)
+    found = dict(zip(zip(left.tolist(), right.tolist()), estimate.tolist()))
     assert all(e >= config.threshold for e in found.values())
     true_similarity = np.array([exact.get(p, 0.0) for p in found])
     # MinHash error at 128 permutations is ~0.04: no pair far below the threshold (measured min 0.76)
     assert true_similarity.min() >= 0.7
     assert np.mean(true_similarity >= config.threshold - 0.05) >= 0.95
-    # measured: recall 1.0 at >=0.85 and 0.97 at >=0.8 (datasketch's default banding: 0.94 and 0.81)
+    # measured: recall 1.0 at >=0.85 and 0.95 at >=0.8 (datasketch's default banding: 0.94 and 0.81)
     for floor, recall in ((0.9, 0.99), (0.85, 0.98), (0.8, 0.9)):
         truth = [p for p, j in exact.items() if j >= floor]
         assert len(truth) > 100
         assert sum(p in found for p in truth) / len(truth) >= recall, floor
+
+    # With the shingles, pairs within exact_margin of 0.8 are decided on their exact Jaccard.
+    left, right, similarity = candidate_pairs(sketches.signatures, config, (sketches.hashes, sketches.offsets))
+    found = set(zip(left.tolist(), right.tolist()))
+    truth = {p for p, j in exact.items() if j >= config.threshold}
+    precision, recall = len(found & truth) / len(found), len(found & truth) / len(truth)
+    assert precision >= 0.99 and recall >= 0.98, (precision, recall)  # measured: 1.0 and 1.0
+    # The exact Jaccard of 32-bit shingle hashes matches the string-shingle reference.
+    reference = np.array([exact.get(p, 0.0) for p in zip(left.tolist(), right.tolist())])
+    exact_ours = exact_jaccard(sketches.hashes, sketches.offsets, left, right)
+    assert np.abs(exact_ours - reference).max() < 1e-3
+    unsure = np.abs(similarity - config.threshold) < config.exact_margin
+    assert unsure.any() and np.allclose(similarity[unsure], exact_ours[unsure])
+
+
+def test_numpy_signatures_equal_datasketch(shared_data, monkeypatch):
+    """The vectorised backend reproduces datasketch's MinHash bit for bit, whatever the batching or row order."""
+    rows = ([r for m in ("gpt4_0613", "gemma-2b-it") for r in _alpaca_rows(shared_data, m, keep=lambda i, r: i < 250)]
+            + _sharegpt_rows(shared_data))
+    frame = records_frame(rows)
+    for seed, num_perm, field, words in ((1, 128, "text", 5), (7, 64, "answer", 3)):
+        config = NearDedupConfig(seed=seed, num_perm=num_perm, shingle_words=words)
+        texts = dedup_texts(frame, field)
+        a, b = permutations(num_perm, seed)
+        reference = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        assert np.array_equal(a, reference[0]) and np.array_equal(b, reference[1])
+        ours = sketch(texts, config)
+        theirs = sketch(texts, config.model_copy(update={"backend": "datasketch"}))
+        assert np.array_equal(ours.signatures, theirs.signatures)
+        assert np.array_equal(ours.hashes, theirs.hashes) and np.array_equal(ours.offsets, theirs.offsets)
+        monkeypatch.setattr(dedup, "_SIGNATURE_BATCH", 97)  # many batches over threads
+        batched = sketch(texts, config)
+        assert np.array_equal(batched.signatures, ours.signatures) and np.array_equal(batched.offsets, ours.offsets)
+        reverse = sketch(texts.reverse(), config)
+        assert np.array_equal(reverse.signatures[::-1], ours.signatures)
+        monkeypatch.undo()
+    # gemma-2b-it's empty answers: one shingle (the empty string), one signature.
+    empty = np.flatnonzero(dedup_texts(frame, "answer") == "")
+    assert empty.size == 4  # gemma-2b-it rows 62, 85, 214, 224
+    assert (ours.signatures[empty] == ours.signatures[empty[0]]).all()
+
+
+def test_numpy_and_datasketch_backends_find_the_same_clusters(shared_data, monkeypatch):
+    """Same signatures and bands, so the same candidate pairs and clusters. The numpy backend links
+    members of a bucket larger than _BUCKET_ALL_PAIRS (64) rows to its first member only (no bucket
+    here is that large). Forcing that on every bucket loses only chains through other members:
+    conversation mode is unchanged and text mode keeps 9 more of 2.2k rows (measured), so the cap
+    trades a little recall in pathological buckets for k - 1 pairs instead of k(k-1)/2."""
+    rows = _sampled_prompt_rows(shared_data, 25) + _sharegpt_rows(shared_data)
+    frame = records_frame(rows)
+    for field, at_least in (("text", 100), ("conversation", 3)):  # measured: 298 and 3 near duplicates
+        results = {backend: deduplicate(frame, DedupConfig(near=NearDedupConfig(field=field, backend=backend)))
+                   for backend in ("numpy", "datasketch")}
+        assert results["numpy"].reasons.get("near_duplicate", 0) >= at_least
+        assert results["numpy"].kept.equals(results["datasketch"].kept), field
+        assert results["numpy"].rejected.equals(results["datasketch"].rejected), field
+        monkeypatch.setattr(dedup, "_BUCKET_ALL_PAIRS", 1)
+        star = deduplicate(frame, DedupConfig(near=NearDedupConfig(field=field)))
+        monkeypatch.undo()
+        _check_accounting(frame, star)
+        all_pairs = set(results["numpy"].kept["id"])
+        assert set(star.kept["id"]) >= all_pairs  # star pairs are a subset: clusters can only split
+        assert len(set(star.kept["id"]) - all_pairs) <= 0.01 * frame.height, field
+
+
+def test_empty_answers_to_different_prompts_are_not_duplicate_conversations(shared_data):
+    """gemma-2b-it gives 22 empty answers to 22 different prompts: the same (empty) answer, but
+    different conversations. Conversation mode keeps all 22; answer mode merges them."""
+    rows = [r for r in _alpaca_rows(shared_data, "gemma-2b-it") if r["messages"][1]["content"] == ""]
+    assert len(rows) == 22 and len({r["messages"][0]["content"] for r in rows}) == 22
+    frame = records_frame(rows)
+    conversation = deduplicate(frame, DedupConfig())
+    assert conversation.kept.height == 22 and conversation.rejected.is_empty()
+    answer = deduplicate(frame, DedupConfig(near=NearDedupConfig(field="answer")))
+    _check_accounting(frame, answer)
+    assert answer.kept.height == 1 and answer.reasons == {"near_duplicate": 21}
+    assert set(answer.rejected["detail"].str.slice(0, 18)) == {"jaccard≈1.00 with "}
 
 
 def test_exact_duplicates_across_sources_follow_source_priority_then_rank(shared_data):
