@@ -224,7 +224,9 @@ def dedup_texts(frame: pl.DataFrame, field: str) -> pl.Series:
 def shingle_hashes(texts: pl.Series, shingle_words: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of each text's word n-gram shingles, flat, with per-text offsets.
 
-    Words are runs of word characters of the lowercased text. A text of fewer than
+    Words are runs of ``\\w`` characters of the lowercased text (Unicode letters, marks,
+    digits and connector punctuation, as polars' regex defines them; Python's ``re`` leaves
+    out marks such as emoji variation selectors). A text of fewer than
     ``shingle_words`` words is one shingle: its words joined by spaces, or, with no word
     at all (emoji, punctuation, empty), the stripped lowercased text itself. Hashes are
     computed once per distinct word (xxh64) and folded into n-gram hashes with numpy, so
@@ -238,9 +240,13 @@ def shingle_hashes(texts: pl.Series, shingle_words: int) -> tuple[np.ndarray, np
     # A private categorical numbers the distinct words 0..k-1 (faster than unique + replace).
     vocabulary = pl.Categorical(pl.Categories.random())
     coded = flat.cast(vocabulary)  # keep alive while reading the categories: they are freed with it
-    word_hash = np.array([xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass"))
-                          for w in vocabulary.categories.to_series().to_list()], dtype=np.uint64)
-    h = word_hash[coded.to_physical().to_numpy()]
+    word_hash = _word_hashes(vocabulary.categories.to_series())
+    codes = coded.to_physical().to_numpy()
+    if codes.size == 0 or int(codes.max()) < word_hash.size:
+        h = word_hash[codes]
+    else:  # the categories could not be read back (a polars change): look the words up instead
+        distinct = flat.unique()
+        h = flat.replace_strict(distinct, pl.Series(_word_hashes(distinct)), return_dtype=pl.UInt64).to_numpy()
 
     total = h.size
     gram = h.copy()
@@ -534,6 +540,11 @@ def _estimated_jaccard(signatures: np.ndarray, left: np.ndarray, right: np.ndarr
         stop = start + _VERIFY_CHUNK
         out[start:stop] = (signatures[left[start:stop]] == signatures[right[start:stop]]).mean(axis=1)
     return out
+
+
+def _word_hashes(words: pl.Series) -> np.ndarray:
+    return np.array([xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass")) for w in words.to_list()],
+                    dtype=np.uint64)
 
 
 def _fold32(values: np.ndarray) -> np.ndarray:

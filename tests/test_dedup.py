@@ -305,11 +305,12 @@ def test_numpy_signatures_equal_datasketch(shared_data, monkeypatch):
 
 
 def test_numpy_and_datasketch_backends_find_the_same_clusters(shared_data, monkeypatch):
-    """Same signatures and bands, so the same candidate pairs and clusters. The numpy backend links
-    members of a bucket larger than _BUCKET_ALL_PAIRS (64) rows to its first member only (no bucket
-    here is that large). Forcing that on every bucket loses only chains through other members:
-    conversation mode is unchanged and text mode keeps 9 more of 2.2k rows (measured), so the cap
-    trades a little recall in pathological buckets for k - 1 pairs instead of k(k-1)/2."""
+    """Same signatures and bands, so the same candidate pairs and clusters. The numpy backend does
+    not pair all members of a bucket larger than _BUCKET_ALL_PAIRS (64) rows: in conversation mode it
+    splits it by the prompts' bands first (here the 167 ShareGPT chats all answered "You too!":
+    hanging them off one first member, whose prompt differs, lost 4 clusters), then links each
+    member to the first one. Forcing that star on every bucket loses only chains through other
+    members: conversation mode is unchanged and text mode keeps 9 more of 2.2k rows (measured)."""
     rows = _sampled_prompt_rows(shared_data, 25) + _sharegpt_rows(shared_data)
     frame = records_frame(rows)
     for field, at_least in (("text", 100), ("conversation", 3)):  # measured: 298 and 3 near duplicates
