@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from curation.embeddings import SentenceEmbedder, length_batches, precision
 from curation.hashing import file_sha256, hash_column
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def score_records(records: pl.DataFrame, config: ScoreConfig,
         conversations = unique["messages"].to_list()
         with _torch_threads(config.threads):
             scorer = (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config)
-            with _precision(config):
+            with precision(config.dtype, config.device):
                 scores = scorer.score(conversations, progress or (lambda n: None))
     table = pl.DataFrame({"_key": unique["_key"], "_score": pl.Series(scores, dtype=pl.Float64).fill_nan(None)})
     scored = (
@@ -290,38 +291,16 @@ class _EmbeddingSimilarity:
     """
 
     def __init__(self, folder: Path, config: ScoreConfig):
-        from sentence_transformers import SentenceTransformer
-
-        self.config = config
-        self.model = SentenceTransformer(str(folder), device=config.device, trust_remote_code=False,
-                                         local_files_only=True, model_kwargs={"use_safetensors": True})
-        limit = getattr(self.model.tokenizer, "model_max_length", None) or config.max_length
-        self.model.max_seq_length = min(config.max_length, limit)
+        self.embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length,
+                                         batch_size=config.batch_size, dtype=config.dtype)
 
     def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
         prompts = pl.Series([prompt_text(m) for m in conversations], dtype=pl.String)
         distinct = prompts.unique(maintain_order=True)
-        prompt_vectors = self._embed(distinct.to_list(), lambda n: None)
+        prompt_vectors = self.embedder.embed(distinct.to_list())
         which = prompts.replace_strict(distinct, pl.int_range(len(distinct), eager=True), return_dtype=pl.Int64).to_numpy()
-        answer_vectors = self._embed([answer_text(m) for m in conversations], progress)
+        answer_vectors = self.embedder.embed([answer_text(m) for m in conversations], progress)
         return np.einsum("ij,ij->i", prompt_vectors[which], answer_vectors).astype(np.float64)
-
-    def _embed(self, texts: list[str], progress: Callable[[int], None]) -> np.ndarray:
-        """Unit vectors, encoded in batches of similar length (characters, as sentence-transformers sorts)."""
-        lengths = np.array([len(t) for t in texts])
-        out = np.empty((len(texts), self.model.get_embedding_dimension()), dtype=np.float32)
-        for batch in length_batches(lengths, self.config.batch_size):
-            out[batch] = self.model.encode([texts[i] for i in batch], batch_size=len(batch), convert_to_numpy=True,
-                                           normalize_embeddings=True, show_progress_bar=False)
-            progress(len(batch))
-        return out
-
-
-def length_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Indices in batches of similar length (longest first, so memory peaks at the start)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 def truncation_budget(prompt_tokens: int, answer_tokens: int, budget: int) -> tuple[int, int]:
@@ -350,18 +329,6 @@ def _default_name(model: str) -> str:
     if model.startswith(PACKAGE_PREFIX):
         return model[len(PACKAGE_PREFIX):]
     return os.path.basename(os.path.normpath(model)) or model
-
-
-@contextmanager
-def _precision(config: ScoreConfig):
-    if config.dtype == "float32":
-        yield
-        return
-    import torch
-
-    device_type = torch.device(config.device).type
-    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-        yield
 
 
 @contextmanager

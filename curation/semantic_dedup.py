@@ -25,7 +25,6 @@ so all stages agree which copy survives.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +35,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curation.dedup import DedupConfig, dedup_texts, keep_order
-from curation.score import DEFAULT_EMBEDDING_MODEL, PACKAGE_PREFIX, length_batches, loaded_files, model_folder
+from curation.embeddings import SentenceEmbedder
+from curation.score import DEFAULT_EMBEDDING_MODEL, PACKAGE_PREFIX, loaded_files, model_folder
 from curation.stage import StageResult, empty_rejections, rejections
 
 STAGE = "semantic_dedup"
@@ -159,7 +159,9 @@ def embed_distinct(texts: list[pl.Series], folder: Path, config: SemanticDedupCo
     distinct = combined.unique(maintain_order=True)
     which = combined.replace_strict(distinct, pl.int_range(len(distinct), eager=True),
                                     return_dtype=pl.Int64).to_numpy()
-    unit = _Embedder(folder, config).embed(distinct.to_list(), progress or (lambda n: None))
+    embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length,
+                                batch_size=config.batch_size, dtype=config.dtype)
+    unit = embedder.embed(distinct.to_list(), progress or (lambda n: None))
     out, start = [], 0
     for series in texts:
         out.append(unit[which[start:start + len(series)]])
@@ -266,38 +268,3 @@ def _component_keepers(n: int, left: np.ndarray, right: np.ndarray, pref: np.nda
     keeper_of_label = np.empty(labels.max() + 1, dtype=np.int64)
     keeper_of_label[labels[order][first]] = order[first]
     return keeper_of_label[labels]
-
-
-class _Embedder:
-    """A sentence-transformers model loaded offline from safetensors, never running remote code."""
-
-    def __init__(self, folder: Path, config: SemanticDedupConfig):
-        from sentence_transformers import SentenceTransformer
-
-        self.config = config
-        self.model = SentenceTransformer(str(folder), device=config.device, trust_remote_code=False,
-                                         local_files_only=True, model_kwargs={"use_safetensors": True})
-        limit = getattr(self.model.tokenizer, "model_max_length", None) or config.max_length
-        self.model.max_seq_length = min(config.max_length, limit)
-
-    def embed(self, texts: list[str], progress: Callable[[int], None]) -> np.ndarray:
-        lengths = np.array([len(t) for t in texts])
-        out = np.empty((len(texts), self.model.get_embedding_dimension()), dtype=np.float32)
-        with _precision(self.config):
-            for batch in length_batches(lengths, self.config.batch_size):
-                out[batch] = self.model.encode([texts[i] for i in batch], batch_size=len(batch), convert_to_numpy=True,
-                                               normalize_embeddings=True, show_progress_bar=False)
-                progress(len(batch))
-        return out
-
-
-@contextmanager
-def _precision(config: SemanticDedupConfig):
-    if config.dtype == "float32":
-        yield
-        return
-    import torch
-
-    with torch.autocast(device_type=torch.device(config.device).type, dtype=torch.bfloat16):
-        yield
-

@@ -130,7 +130,7 @@ def test_config_is_strict_and_off_by_default():
 def test_disabled_stage_passes_everything_through(identity_chats, monkeypatch):
     import curation.semantic_dedup as stage
 
-    monkeypatch.setattr(stage, "_Embedder", None)  # would fail if the model were loaded
+    monkeypatch.setattr(stage, "SentenceEmbedder", None)  # would fail if the model were loaded
     result, info = semantic_deduplicate(identity_chats, SemanticDedupConfig())
     assert info == {} and result.rejected.is_empty()
     assert result.kept.equals(identity_chats)
