@@ -130,7 +130,7 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
             left, right = left[close], right[close]
         else:
             left, right, _ = candidate_pairs(sketches.signatures, config.near, shingles)
-        local_rep = _cluster_keepers(len(survivors), left, right, pref[survivors])
+        local_rep = cluster_keepers(len(survivors), left, right, pref[survivors])
         near_rep = survivors[local_rep]
         moved = np.flatnonzero(local_rep != np.arange(len(survivors)))
         jaccard[survivors[moved]] = exact_jaccard(*shingles, moved, local_rep[moved])
@@ -520,7 +520,7 @@ def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _cluster_keepers(n: int, left: np.ndarray, right: np.ndarray, pref: np.ndarray) -> np.ndarray:
+def cluster_keepers(n: int, left: np.ndarray, right: np.ndarray, pref: np.ndarray) -> np.ndarray:
     """For each of n items, the index of the most preferred member of its connected component."""
     if left.size == 0:
         return np.arange(n)

@@ -31,10 +31,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from curation.dedup import DedupConfig, dedup_texts, keep_order
+from curation.dedup import DedupConfig, cluster_keepers, dedup_texts, keep_order
 from curation.embeddings import SentenceEmbedder
 from curation.score import DEFAULT_EMBEDDING_MODEL, PACKAGE_PREFIX, loaded_files, model_folder
 from curation.stage import StageResult, empty_rejections, rejections
@@ -120,7 +118,7 @@ def semantic_deduplicate(records: pl.DataFrame, config: SemanticDedupConfig,
     info["pairs"] = int(left.size)
 
     pref = keep_order(records, DedupConfig(keep=config.keep, source_priority=config.source_priority))["_pref"].to_numpy()
-    local = _component_keepers(rows.size, left, right, pref[rows])
+    local = cluster_keepers(rows.size, left, right, pref[rows])
     rep = np.arange(n)
     rep[rows] = rows[local]
     kept_mask = rep == np.arange(n)
@@ -254,17 +252,3 @@ def _blocks(indices: np.ndarray) -> Iterator[np.ndarray]:
 
 def _row_cosine(vectors: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", vectors[left], vectors[right])
-
-
-def _component_keepers(n: int, left: np.ndarray, right: np.ndarray, pref: np.ndarray) -> np.ndarray:
-    """For each of n items, the index of the most preferred member of its connected component."""
-    if left.size == 0:
-        return np.arange(n)
-    graph = coo_matrix((np.ones(left.size, dtype=np.int8), (left, right)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    order = np.lexsort((pref, labels))
-    first = np.ones(n, dtype=bool)
-    first[1:] = labels[order][1:] != labels[order][:-1]
-    keeper_of_label = np.empty(labels.max() + 1, dtype=np.int64)
-    keeper_of_label[labels[order][first]] = order[first]
-    return keeper_of_label[labels]
