@@ -47,7 +47,7 @@ from scipy.sparse import csr_matrix
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curation.dedup import NearDedupConfig, _cluster_keepers, candidate_pairs, sketch  # noqa: E402
+from curation.dedup import NearDedupConfig, cluster_keepers, candidate_pairs, sketch  # noqa: E402
 
 OUTPUTS = ROOT.parent / "shared" / "data" / "alpaca_eval" / "outputs"
 THRESHOLD, NUM_PERM, SHINGLE_WORDS = 0.8, 128, 5
@@ -103,7 +103,7 @@ def our_pipeline(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                              backend="numpy")
     sketches = sketch(pl.Series(texts, dtype=pl.String), config)
     left, right, _ = candidate_pairs(sketches.signatures, config, (sketches.hashes, sketches.offsets))
-    keeper = _cluster_keepers(len(texts), left, right, np.arange(len(texts)))
+    keeper = cluster_keepers(len(texts), left, right, np.arange(len(texts)))
     return left, right, keeper
 
 
