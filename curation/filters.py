@@ -281,7 +281,12 @@ def _judge(part: pl.DataFrame, config: FilterConfig) -> tuple[pl.DataFrame, pl.D
 
 
 def language_text(max_chars: int) -> pl.Expr:
-    """Prompt and answer without code or URLs, at most max_chars: half each unless one is shorter."""
+    """Answer then prompt, without code or URLs, at most max_chars: half each unless one is shorter.
+
+    The answer comes first because it is what a model learns to write, and because an engine
+    that reads only a prefix (fastText reads 200 characters) then judges the answer, not a
+    foreign-language passage quoted in the prompt ("Does Lucie have bread? <French story>").
+    """
     def prose(text: pl.Expr) -> pl.Expr:
         return (text.fill_null("").str.replace_all(CODE_BLOCK, " ").str.replace_all(r"`[^`\n]*`", " ")
                 .str.replace_all(r"https?://\S+", " ").str.strip_chars())
@@ -289,7 +294,7 @@ def language_text(max_chars: int) -> pl.Expr:
     prompt_take = pl.max_horizontal(pl.lit(max_chars // 2), pl.lit(max_chars) - answer.str.len_chars())
     prompt = prompt.str.slice(0, prompt_take)
     answer = answer.str.slice(0, pl.lit(max_chars) - prompt.str.len_chars())
-    return pl.concat_str([prompt, answer], separator="\n\n").str.strip_chars()
+    return pl.concat_str([answer, prompt], separator="\n\n").str.strip_chars()
 
 
 def _flag_checks(rule: FlagRule) -> list:

@@ -113,10 +113,22 @@ def test_good_answers_with_refusal_like_words_are_kept(shared_data):
             + alpaca_rows(shared_data, "gpt-3.5-turbo-0301", [336])  # parody song with a repeated chorus
             + alpaca_rows(shared_data, "Starling-LM-7B-alpha", [409])  # song lyrics, chorus repeated
             + alpaca_rows(shared_data, "minotaur-13b", [563])  # ends with a URL, no full stop
-            + alpaca_rows(shared_data, "gpt4_0613_concise", [162])  # script ending "TO BE CONTINUED..."
-            + alpaca_rows(shared_data, "gpt4_0613", [573]))  # English instruction, French translation as asked
+            + alpaca_rows(shared_data, "gpt4_0613_concise", [162]))  # script ending "TO BE CONTINUED..."
     result = filter_records(prepared(rows), FilterConfig())
     assert result.rejected.is_empty(), result.rejected.to_dicts()
+
+
+def test_language_is_judged_on_the_answer_first(shared_data):
+    """The language of a row is the language of what the model learns to write. A French
+    translation asked for in English is a French answer (rejected under allow: [en]); English
+    answers about a French story in the prompt are English (kept)."""
+    translation = alpaca_rows(shared_data, "gpt4_0613", [573])
+    story = [r for r in alpaca_rows(shared_data, "gpt4_0613", range(805)) if "Nous n'avons pas de pain" in
+             r["messages"][0]["content"]]
+    assert story, "the real AlpacaEval prompt quoting a French dialogue"
+    found = verdicts(filter_records(prepared(translation + story), FilterConfig()))
+    assert found[translation[0]["id"]][0] == "language"
+    assert story[0]["id"] not in found
 
 
 def test_code_strings_are_not_disclaimers(shared_data):
@@ -253,7 +265,7 @@ def test_language_runs_last_and_only_on_survivors(shared_data, monkeypatch):
     found = verdicts(result)
     assert found["alpaca_eval:vicuna-13b-v1.5:462"] == ("language",
                                                         "detected 'de' with probability 1.0 (>= 0.9); allowed: en")
-    assert found["alpaca_eval:claude-3-5-sonnet-20240620:462"][0] == "language"
+    # (langdetect calls claude's German reply with an English translation below 0.9: kept)
     assert found["alpaca_eval:gpt4_0613:296"][0] == "refusal"
     assert len(seen) == 5 and not any("assist with that" in t for t in seen)
     kept = result.kept.select("id", "language", "language_score").rows_by_key("id", unique=True)
