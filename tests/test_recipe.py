@@ -67,3 +67,10 @@ def test_json_schema_export_matches_shipped_file():
 def test_score_keep_policy_needs_a_scorer():
     with pytest.raises(RecipeError, match="dedup.keep is 'score' but the recipe has no score section"):
         parse_recipe(_minimal(dedup={"keep": "score"}))
+
+
+def test_readme_recipe_example_is_valid():
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml")[1:]]
+    example = next(yaml.safe_load(b) for b in blocks if "name: my-dataset" in b)
+    assert parse_recipe(example, "README.md").name == "my-dataset"
