@@ -1,0 +1,50 @@
+"""Training options shared by every mode (SFT now, DPO and reward next), loadable from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_rank: int = Field(16, ge=1, description="LoRA rank r")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha (effective scale alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names to adapt, or 'all-linear' for every linear layer except the head")
+    epochs: float = Field(1.0, gt=0, description="passes over the training split (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate (linear decay)")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of steps spent warming up")
+    batch_size: int = Field(4, ge=1, description="examples per device step")
+    grad_accum: int = Field(1, ge=1, description="device steps per optimizer step")
+    max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated from the end")
+    seed: int = Field(0, description="seed for the eval split, LoRA init and data order")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out for eval loss")
+    max_eval_examples: int | None = Field(None, ge=1, description="cap on held-out examples (eval time grows with it)")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on training examples after the split")
+    logging_steps: int = Field(10, ge=1, description="log the loss every this many optimizer steps")
+    eval_before: bool = Field(True, description="also measure the base model's eval loss before training")
+
+
+def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Options from a YAML file (if given), then command-line style overrides on top."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"training config {path} not found; pass the path of a YAML file of TrainConfig fields")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {path}: expected a mapping of option: value at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        where = f"{path}: " if path is not None else ""
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"training config {where}{problems}") from None
