@@ -266,9 +266,8 @@ def shingle_hashes(texts: pl.Series, shingle_words: int) -> tuple[np.ndarray, np
     short_text = pl.DataFrame({"joined": words.gather(short).list.join(" "), "text": lowered.gather(short)}).select(
         pl.when(pl.col("joined").fill_null("") == "").then(pl.col("text").str.strip_chars())
         .otherwise(pl.col("joined")).fill_null("")
-    ).to_series().to_list()
-    short_hash = _fold32(np.array([xxhash.xxh64_intdigest(t.encode("utf-8", "surrogatepass")) for t in short_text],
-                                  dtype=np.uint64))
+    ).to_series()
+    short_hash = _fold32(_word_hashes(short_text))
     is_long = np.ones(len(lengths), dtype=bool)
     is_long[short] = False
     per_text[short] = 1

@@ -47,6 +47,11 @@ def _cumulative(bar: tqdm):
     return progress
 
 
+def _sft_sources_first(recipe: Recipe) -> list[str]:
+    """Dedup priority: a copy from a source that may feed SFT should survive, not one that cannot be selected."""
+    return [s.name for s in recipe.sources if "sft" in s.use_for]
+
+
 def _stage_counts(result: StageResult, rows_in: int) -> dict:
     return {"in": rows_in, "out": result.kept.height, "dropped": result.rejected.height,
             "dropped_by_reason": result.reasons}
@@ -80,9 +85,7 @@ def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResu
 def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
     config = recipe.dedup
     if not config.source_priority:
-        # A copy from a source that may feed SFT should survive, not one that cannot be selected.
-        sft_first = [s.name for s in recipe.sources if "sft" in s.use_for]
-        config = config.model_copy(update={"source_priority": sft_first})
+        config = config.model_copy(update={"source_priority": _sft_sources_first(recipe)})
     with _bar("dedup", records.height, quiet) as bar:
         result = deduplicate(records, config)
         bar.update(records.height)
@@ -93,8 +96,7 @@ def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResul
 def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> tuple[StageResult, dict]:
     config = recipe.semantic_dedup
     if config.enabled and not config.source_priority:
-        sft_first = [s.name for s in recipe.sources if "sft" in s.use_for]
-        config = config.model_copy(update={"source_priority": sft_first, "keep": recipe.dedup.keep})
+        config = config.model_copy(update={"source_priority": _sft_sources_first(recipe), "keep": recipe.dedup.keep})
     with _bar("semantic", records.height, quiet or not config.enabled) as bar:
         result, info = semantic_deduplicate(records, config)
         bar.update(records.height)
