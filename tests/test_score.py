@@ -161,7 +161,7 @@ def test_truncation_keeps_prompt_tail_and_answer_head(reward_model, shared_data)
     answer_words = tokenizer.tokenize(record["output"])
     for mode in ("chat_template", "text_pair"):
         encoder = _RewardModel(reward_model, ScoreConfig(model=str(reward_model), input=mode, max_length=64))
-        ids, _ = (encoder._encode_chat if mode == "chat_template" else encoder._encode_pair)([messages])[0]
+        ids, _ = encoder.encoder.encode([messages])[0]
         tokens = tokenizer.convert_ids_to_tokens(ids)
         assert len(ids) == 64 and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
         inner = tokens[1:-1]
@@ -275,10 +275,12 @@ def test_scorer_info_hashes_the_loaded_files(reward_model, real_frame):
 def test_missing_chat_template_is_a_one_line_error(tmp_path, minilm_tokenizer, real_frame):
     folder = _tiny_model(tmp_path / "plain", minilm_tokenizer, num_labels=1, chat_template=False)
     with pytest.raises(ValueError, match="text_pair") as error:
-        score_records(real_frame, ScoreConfig(model=str(folder)))
+        score_records(real_frame, ScoreConfig(model=str(folder), input="chat_template"))
     assert "\n" not in str(error.value)
     scored, _ = score_records(real_frame, ScoreConfig(model=str(folder), input="text_pair"))
     assert scored["score"].null_count() == 1
+    auto, _ = score_records(real_frame, ScoreConfig(model=str(folder)))  # no template: text pairs by default
+    assert auto["score"].equals(scored["score"])
 
 
 def test_model_paths():

@@ -16,24 +16,6 @@ from curation.train.sft import build_sft_trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = default_base()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny_base")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def build_dir(tmp_path_factory, shared_data):
     """A curated build as `curate build` writes it: sft/part-00000.parquet + manifest.json."""
     with gzip.open(shared_data / "alpaca_eval/outputs/gpt4_1106_preview.json.gz", "rt", encoding="utf-8") as f:

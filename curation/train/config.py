@@ -1,8 +1,9 @@
-"""Training options shared by every mode (SFT now, DPO and reward next), loadable from YAML."""
+"""Training options for every mode (sft, dpo, reward), loadable from YAML with command-line overrides."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +30,19 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="cap on training examples after the split")
     logging_steps: int = Field(10, ge=1, description="log the loss every this many optimizer steps")
     eval_before: bool = Field(True, description="also measure the base model's eval loss before training")
+    save_steps: int = Field(100, ge=0, description="save a resumable checkpoint every this many optimizer steps "
+                                                  "(0: only when interrupted); the last 2 are kept")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on a CUDA GPU that supports it, float32 on CPU")
+    qlora: bool = Field(False, description="load the base in 4-bit NF4 (bitsandbytes) and train LoRA on top; CUDA only")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (initial) model")
+    pairs: Literal["all", "native", "score"] = Field(
+        "all", description="dpo/reward: which preference pairs to use: native (human or judge rankings), "
+                           "score (scorer margin) or all")
+    full_finetune: bool = Field(False, description="reward: train every weight instead of a LoRA adapter plus head")
+    reward_input: Literal["auto", "chat_template", "text_pair"] = Field(
+        "auto", description="reward: how a conversation is encoded (auto: the chat template when the tokenizer has "
+                            "one, else a prompt/answer text pair); the scoring stage uses the same encoding")
 
 
 def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:

@@ -65,21 +65,52 @@ def split_indices(n: int, eval_fraction: float, seed: int, max_eval: int | None)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
+def read_output(build_dir: str | Path, output: str, columns: list[str]) -> tuple[pl.DataFrame, dict, list[dict]]:
+    """(rows sorted by id so the shard layout cannot change the split, manifest, verified files)."""
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    files = verified_files(build_dir, manifest, output)
+    frame = pl.concat([pl.read_parquet(build_dir / f["path"], columns=columns) for f in files])
+    return frame.sort(columns[0]), manifest, files
+
+
 def load_sft_data(build_dir: str | Path, eval_fraction: float = 0.1, seed: int = 0,
                   max_eval: int | None = None, max_train: int | None = None) -> TrainData:
     """Rows of ``build_dir/sft`` as prompt (all messages but the last) / completion (the final assistant answer)."""
-    build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
-    files = verified_files(build_dir, manifest, "sft")
-    frame = pl.concat([pl.read_parquet(build_dir / f["path"], columns=["id", "messages"]) for f in files])
-    frame = frame.sort("id")  # shard layout must not change the split
+    frame, manifest, files = read_output(build_dir, "sft", ["id", "messages"])
     messages = frame["messages"].to_list()
     usable = [m for m in messages if m and len(m) >= 2 and m[-1]["role"] == "assistant" and m[-1]["content"]]
     if not usable:
         raise ValueError(f"{build_dir}/sft has no conversation ending in an assistant answer; nothing to train on")
     rows = [{"prompt": m[:-1], "completion": [m[-1]]} for m in usable]
+    return _split(rows, manifest, files, len(messages) - len(usable), eval_fraction, seed, max_eval, max_train)
+
+
+def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed: int = 0,
+                         max_eval: int | None = None, max_train: int | None = None,
+                         pair_sources: list[str] | None = None) -> TrainData:
+    """Rows of ``build_dir/preference`` in TRL's explicit-prompt layout: prompt, chosen and rejected message lists.
+
+    ``pair_sources`` keeps only 'native' (human or judge rankings) or 'score' (scorer margin) pairs.
+    """
+    frame, manifest, files = read_output(build_dir, "preference",
+                                         ["chosen_id", "rejected_id", "prompt", "chosen", "rejected", "pair_source"])
+    frame = frame.sort("chosen_id", "rejected_id")
+    if pair_sources is not None:
+        frame = frame.filter(pl.col("pair_source").is_in(pair_sources))
+    answer = lambda c: pl.col(c).list.last().struct.field("content").fill_null("")  # noqa: E731
+    usable = frame.filter(answer("chosen").str.len_chars() > 0, answer("rejected").str.len_chars() > 0,
+                          pl.col("prompt").list.len() > 0)
+    if usable.is_empty():
+        raise ValueError(f"{build_dir}/preference has no pair with a prompt and two answers; nothing to train on")
+    rows = usable.select("prompt", "chosen", "rejected").to_dicts()
+    return _split(rows, manifest, files, frame.height - usable.height, eval_fraction, seed, max_eval, max_train)
+
+
+def _split(rows: list[dict], manifest: dict, files: list[dict], skipped: int, eval_fraction: float, seed: int,
+           max_eval: int | None, max_train: int | None) -> TrainData:
     train_idx, eval_idx = split_indices(len(rows), eval_fraction, seed, max_eval)
     if max_train is not None:
         train_idx = train_idx[:max_train]
     return TrainData(train=[rows[i] for i in train_idx], eval=[rows[i] for i in eval_idx],
-                     run_id=str(manifest.get("run_id", "")), files=files, skipped=len(messages) - len(usable))
+                     run_id=str(manifest.get("run_id", "")), files=files, skipped=skipped)
