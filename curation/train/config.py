@@ -34,6 +34,9 @@ class TrainConfig(BaseModel):
                                                   "(0: only when interrupted); the last 2 are kept")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on a CUDA GPU that supports it, float32 on CPU")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: much less memory for ~30% more time; "
+                           "turn on for large models or long sequences")
     qlora: bool = Field(False, description="load the base in 4-bit NF4 (bitsandbytes) and train LoRA on top; CUDA only")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (initial) model")
     pairs: Literal["all", "native", "score"] = Field(

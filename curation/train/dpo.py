@@ -57,8 +57,8 @@ def train_dpo(data_dir: str | Path, base: str | Path | None, out_dir: str | Path
     trainer.processing_class.save_pretrained(out_dir)
     before = saved["eval_before"]
     metrics = runner.write_outputs(
-        out_dir, "dpo", base, data_dir, "preference", data, config, trainer, started, init_adapter,
-        train_loss=result.training_loss, eval_loss_base=before.get("eval_loss"), eval_loss=after.get("eval_loss"),
+        out_dir, "dpo", base, data_dir, "preference", data, config, trainer, result, started, init_adapter,
+        eval_loss_base=before.get("eval_loss"), eval_loss=after.get("eval_loss"),
         eval_reward_accuracy_base=before.get("eval_rewards/accuracies"),
         eval_reward_accuracy=after.get("eval_rewards/accuracies"), eval_reward_margin=after.get("eval_rewards/margins"))
     runner.finish_checkpoints(out_dir)

@@ -126,10 +126,10 @@ def train_reward(data_dir: str | Path, base: str | Path | None, out_dir: str | P
     trainer.processing_class.save_pretrained(out_dir)
     settings = {"input": encoder.input, "max_length": config.max_length, "label_index": 0}
     (out_dir / REWARD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    figures = dict(train_loss=result.training_loss, eval_loss_base=saved["eval_before"].get("eval_loss"),
+    figures = dict(eval_loss_base=saved["eval_before"].get("eval_loss"),
                    eval_loss=after.get("eval_loss"), encoding=settings)
     write = lambda **more: runner.write_outputs(  # noqa: E731
-        out_dir, "reward", base, data_dir, "preference", data, config, trainer, started, init_adapter, **figures, **more)
+        out_dir, "reward", base, data_dir, "preference", data, config, trainer, result, started, init_adapter, **figures, **more)
     write()  # the record of the base lets the scoring stage load the folder for the held-out check
     metrics = write(**pairwise_accuracy(out_dir, data.eval))
     runner.finish_checkpoints(out_dir)

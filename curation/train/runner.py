@@ -68,6 +68,7 @@ def trainer_args(config: TrainConfig, out_dir: Path) -> dict:
         use_cpu=not torch.cuda.is_available(), bf16=use_bf16(config), fp16=False,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         save_total_limit=2, eval_strategy="no", report_to=[], dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 
@@ -188,7 +189,7 @@ def base_record(base: str | Path | None) -> dict:
 
 
 def write_outputs(out_dir: Path, mode: str, base: str | Path | None, data_dir: str | Path, output: str,
-                  data: TrainData, config: TrainConfig, trainer, started: float, init_adapter=None,
+                  data: TrainData, config: TrainConfig, trainer, result, started: float, init_adapter=None,
                   **figures) -> dict:
     """training_metrics.json (provenance: build run id and the sha256 of every Parquet file read) and README.md."""
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -199,6 +200,8 @@ def write_outputs(out_dir: Path, mode: str, base: str | Path | None, data_dir: s
         "dataset": {"dir": str(Path(data_dir).resolve()), "output": output, **data.provenance()},
         "config": config.model_dump(),
         "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(result.metrics.get("train_runtime", float("nan")), 3),
         "losses": losses,
         **figures,
         "seconds": round(time.perf_counter() - started, 3),

@@ -61,9 +61,8 @@ def train_sft(data_dir: str | Path, base: str | Path | None, out_dir: str | Path
     trainer.model.save_pretrained(out_dir)  # adapter_model.safetensors + adapter_config.json
     trainer.processing_class.save_pretrained(out_dir)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    metrics = runner.write_outputs(out_dir, "sft", base, data_dir, "sft", data, config, trainer, started,
-                                   init_adapter, train_loss=result.training_loss,
-                                   eval_loss_base=saved["eval_loss_base"], eval_loss=eval_loss,
+    metrics = runner.write_outputs(out_dir, "sft", base, data_dir, "sft", data, config, trainer, result, started,
+                                   init_adapter, eval_loss_base=saved["eval_loss_base"], eval_loss=eval_loss,
                                    train_tokens_per_epoch=tokens)
     runner.finish_checkpoints(out_dir)
     return metrics
