@@ -9,7 +9,7 @@ Full run, all on the offline default base SmolLM2-135M-Instruct (GGUF, dequantis
   with the eval loss (answer tokens only) on 50 held-out examples before and after; the saved
   adapter is then loaded back with peft and generates.
 - DPO on 200 preference pairs, starting from that SFT adapter (its frozen copy is the reference).
-- A reward model on 500 preference pairs (all-MiniLM-L6-v2 backbone + LoRA + head, text pairs),
+- A reward model on 500 native preference pairs (human or judge rankings; all-MiniLM-L6-v2 + LoRA + head),
   with pairwise accuracy on 100 held-out pairs next to "the longer answer wins".
 
 ``tokens_per_s`` counts the answer and prompt tokens actually trained on (no padding) per second
@@ -105,7 +105,8 @@ def main() -> None:
                      f"acc {dpo['eval_reward_accuracy']:.2f}"))
 
         reward_config = TrainConfig(epochs=2, batch_size=8, max_length=512, learning_rate=5e-4, eval_fraction=0.1,
-                                    max_train_examples=500, max_eval_examples=100, logging_steps=10, save_steps=0)
+                                    max_train_examples=500, max_eval_examples=100, logging_steps=10, save_steps=0,
+                                    pairs="native")
         reward = train_reward(build, REWARD_BASE, work / "reward", reward_config)
         figures.update(reward_minutes=round(reward["seconds"] / 60, 2), reward_pairs=reward["dataset"]["train_examples"],
                        reward_eval_pairs=reward["eval_pairs"], reward_accuracy=round(reward["eval_accuracy"], 4),

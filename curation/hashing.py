@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import polars as pl
+import numpy as np
 import xxhash
 
 
@@ -32,3 +33,12 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def row_id(source: str, file_name: str, source_record: str) -> str:
     """Stable id of a row: same source, file name and position give the same id on every run."""
     return stable_hash(f"{source}\x1f{file_name}\x1f{source_record}")[:24]
+
+
+def unit_hash(keys: list[str], seed: int = 0) -> np.ndarray:
+    """A stable number in [0, 1) per key and seed: the same key always lands in the same split, whatever else is
+    in the data and in whatever order."""
+    digest = xxhash.xxh3_64_intdigest
+    values = np.fromiter((digest(f"{seed}\x1f{k}".encode("utf-8", "surrogatepass")) for k in keys), dtype=np.uint64,
+                         count=len(keys))
+    return (values >> np.uint64(11)).astype(np.float64) / float(1 << 53)

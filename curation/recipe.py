@@ -143,7 +143,11 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', error)}") from None
-    return parse_recipe(data, str(path)), path.resolve().parent
+    recipe, base_dir = parse_recipe(data, str(path)), path.resolve().parent
+    if recipe.score is not None and recipe.score.model.startswith(("./", "../")):
+        # A model folder written beside the recipe (e.g. the embedded reward model) resolves like a source path.
+        recipe.score.model = str((base_dir / recipe.score.model).resolve())
+    return recipe, base_dir
 
 
 def recipe_json_schema() -> dict:

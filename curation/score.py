@@ -4,7 +4,10 @@ Scores feed selection and score-margin preference pairs, so every score must be
 reproducible: weights are loaded only from safetensors (pickle weights can run code),
 ``trust_remote_code`` is always False, and ``ScorerInfo`` records the sha256 of every
 weight, config and tokenizer file that was loaded. Many rows share content (the same
-answer collected twice), so each distinct ``content_hash`` is scored once.
+answer collected twice), so each distinct ``content_hash`` is scored once, and with a
+``cache_dir`` never again in later builds: scores are cached by (model hash, content hash),
+see curation/score_cache.py. Reward models can run on ONNX Runtime (``backend: onnx``,
+optionally int8), see curation/onnx_scoring.py.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curation.embeddings import SentenceEmbedder, length_batches, precision
 from curation.hashing import file_sha256, hash_column
+from curation.score_cache import CACHE_ENV, ScoreCache, model_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ REWARD_SETTINGS_FILE = "reward_scoring.json"
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*/*.json", "*/*.safetensors"]
+CACHE_CHUNK = 4096  # with a cache, scores are stored every this many distinct contents (an interrupted build keeps them)
 
 
 class ScoreConfig(BaseModel):
@@ -64,10 +69,33 @@ class ScoreConfig(BaseModel):
     label_index: int | None = Field(None, ge=0, description="logit used as the reward when the model has several labels "
                                                             "(default: 1 for 2 labels, 0 for 1 label)")
     device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads while scoring; default: torch's own")
+    threads: int | None = Field(None, ge=1, description="CPU threads while scoring (torch, or ONNX Runtime's intra-op "
+                                                           "threads); default: the backend's own")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute precision; bfloat16 autocast is ~2.5x faster on CPU for MiniLM with "
                                "embeddings at cosine >= 0.9999 to float32")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="reward_model only: run the model in torch, or exported once to ONNX Runtime on CPU "
+                             "(needs onnxruntime and onnx: pip install 'curation[onnx]')")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="backend onnx only: int8 dynamic quantization of the exported model's weights")
+    cache_dir: str | None = Field(
+        None, description="folder of cached scores, keyed by (model hash, content hash) so no content is scored "
+                          "twice across builds; '~' and $VARS expand, relative paths resolve against the recipe; "
+                          f"unset: ${CACHE_ENV}/scores in `curate build` when {CACHE_ENV} is set, else no cache")
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> "ScoreConfig":
+        if self.quantize != "none" and self.backend != "onnx":
+            raise ValueError("quantize needs backend: onnx (int8 runs on ONNX Runtime); set backend: onnx or drop quantize")
+        if self.backend == "onnx":
+            if self.kind != "reward_model":
+                raise ValueError("backend onnx applies to kind reward_model only; use backend: torch")
+            if self.dtype != "float32":
+                raise ValueError("dtype bfloat16 applies to backend torch; with backend onnx use quantize: int8 for speed")
+            if self.device != "cpu":
+                raise ValueError("backend onnx runs on CPU; set device: cpu or use backend: torch")
+        return self
 
 
 @dataclass
@@ -76,18 +104,30 @@ class ScorerInfo:
     kind: str
     model: str
     files: dict[str, str] = field(default_factory=dict)  # file path relative to the model folder -> sha256
+    model_hash: str | None = None  # files + settings: the score cache key
+    settings: dict = field(default_factory=dict)  # the settings that change the numbers, as resolved
+    counts: dict = field(default_factory=dict)  # distinct / cached / computed contents of this call
+
+    def provenance(self) -> dict:
+        """What the manifest records about the model (the counts belong to the run's stage stats)."""
+        return {k: v for k, v in vars(self).items() if k != "counts"}
 
 
-def score_records(records: pl.DataFrame, config: ScoreConfig,
-                  progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, ScorerInfo]:
+def score_records(records: pl.DataFrame, config: ScoreConfig, progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, ScorerInfo]:
     """Fill ``score`` (Float64) and ``scorer`` for conversation rows; prompt rows get nulls.
 
-    ``progress`` is called after each batch with the number of distinct conversations
-    finished in it (the total is the number of distinct ``content_hash`` values).
+    Each distinct ``content_hash`` is scored once; with ``config.cache_dir``, cached scores of
+    the same model hash are reused and new ones stored. ``on_total`` is called once with the
+    number of distinct conversations that will be computed (not cached); ``progress`` after each
+    batch with the number finished in it. ``info.counts`` says how many were cached and computed.
     """
     folder = model_folder(config.model)
+    files = scorer_files(folder)
+    scorer = _make_scorer(folder, config, files)
+    key_hash = model_hash(files, scorer.settings)
     info = ScorerInfo(name=config.name or _default_name(config.model), kind=config.kind, model=config.model,
-                      files=scorer_files(folder))
+                      files=files, model_hash=key_hash, settings=scorer.settings)
     is_conversation = pl.col("kind") == "conversation"
     serialised = pl.col("messages").list.eval(
         pl.concat_str(pl.element().struct.field("role"), pl.lit("\x1f"), pl.element().struct.field("content").fill_null(""))
@@ -98,10 +138,26 @@ def score_records(records: pl.DataFrame, config: ScoreConfig,
     keyed = records.with_columns(key.alias("_key"))
     unique = keyed.filter(is_conversation).unique(subset="_key", keep="first", maintain_order=True).select("_key", "messages")
 
-    scores = np.empty(0, dtype=np.float64)
-    if unique.height:
-        scores = score_conversations(unique["messages"].to_list(), config, progress, folder)
-    table = pl.DataFrame({"_key": unique["_key"], "_score": pl.Series(scores, dtype=pl.Float64).fill_nan(None)})
+    cache = None
+    known = pl.DataFrame(schema={"_key": pl.String, "_score": pl.Float64})
+    if config.cache_dir is not None:
+        cache = ScoreCache(Path(config.cache_dir).expanduser(), key_hash,
+                           {"model": config.model, "files": files, "settings": scorer.settings})
+        if unique.height:
+            known = cache.lookup(unique["_key"]).rename({"content_hash": "_key", "score": "_score"})
+    missing = unique.join(known, on="_key", how="anti", maintain_order="left")
+    if on_total is not None:
+        on_total(missing.height)
+    parts = [known]
+    chunk = CACHE_CHUNK if cache is not None else max(missing.height, 1)
+    for start in range(0, missing.height, chunk):
+        part = missing.slice(start, chunk)
+        scores = _run(scorer, part["messages"].to_list(), config, progress)
+        if cache is not None:
+            cache.store(part["_key"], scores)  # NaN too: an unscorable conversation is not retried
+        parts.append(pl.DataFrame({"_key": part["_key"], "_score": pl.Series(scores, dtype=pl.Float64)}))
+    info.counts = {"distinct": unique.height, "cached": known.height, "computed": missing.height}
+    table = pl.concat(parts).with_columns(pl.col("_score").fill_nan(None))
     scored = (
         keyed.join(table, on="_key", how="left", maintain_order="left")
         .with_columns(
@@ -118,10 +174,18 @@ def score_conversations(conversations: list[list[dict]], config: ScoreConfig,
                         progress: Callable[[int], None] | None = None, folder: Path | None = None) -> np.ndarray:
     """One score per conversation (NaN where it cannot be scored), exactly as the scoring stage computes it."""
     folder = folder or model_folder(config.model)
-    with _torch_threads(config.threads):
-        scorer = (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config)
-        with precision(config.dtype, config.device):
-            return scorer.score(conversations, progress or (lambda n: None))
+    return _run(_make_scorer(folder, config), conversations, config, progress)
+
+
+def _make_scorer(folder: Path, config: ScoreConfig, files: dict[str, str] | None = None):
+    """The scorer with its tokenizer and resolved settings; weights load on first use (not at all if all is cached)."""
+    return (_RewardModel if config.kind == "reward_model" else _EmbeddingSimilarity)(folder, config, files)
+
+
+def _run(scorer, conversations: list[list[dict]], config: ScoreConfig,
+         progress: Callable[[int], None] | None) -> np.ndarray:
+    with _torch_threads(config.threads), precision(config.dtype, config.device):
+        return scorer.score(conversations, progress or (lambda n: None))
 
 
 def resolve_model_path(model: str) -> str:
@@ -272,23 +336,17 @@ class RewardEncoder:
 
 class _RewardModel:
     """A sequence-classification model (or a reward adapter trained by ``curate train reward``) whose chosen logit
-    is the reward."""
+    is the reward: in torch, or exported to ONNX Runtime (``backend: onnx``)."""
 
-    def __init__(self, folder: Path, config: ScoreConfig):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, folder: Path, config: ScoreConfig, files: dict[str, str] | None = None):
+        from transformers import AutoTokenizer
 
-        self.config = config
-        self.torch = torch
+        if config.backend == "onnx":
+            from curation.onnx_scoring import require_onnxruntime
+
+            require_onnxruntime()
+        self.folder, self.config, self.files = folder, config, files
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        if (folder / "adapter_config.json").is_file():
-            from curation.train.models import load_adapted
-
-            self.model, _ = load_adapted(folder, merge=True)
-        else:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(folder), use_safetensors=True, trust_remote_code=False)
-        self.model = self.model.to(config.device).eval()
         settings = reward_settings(folder)
         input = config.input or settings.get("input") or ("chat_template" if self.tokenizer.chat_template else "text_pair")
         max_length = config.max_length or settings.get("max_length") or 512
@@ -296,32 +354,84 @@ class _RewardModel:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"model '{config.model}': the tokenizer has no pad or eos token to pad batches with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.encoder = RewardEncoder(self.tokenizer, input, max_length, config.model)
-        num_labels = self.model.config.num_labels
-        default = settings.get("label_index", {1: 0, 2: 1}.get(num_labels))
-        self.label_index = config.label_index if config.label_index is not None else default
+        self.default_label = settings.get("label_index")
+        # Everything besides the model files that changes the numbers (label_index as set: its default follows
+        # from the hashed files).
+        self.settings = {"kind": "reward_model", "input": input, "max_length": max_length,
+                         "label_index": config.label_index, "dtype": config.dtype, "backend": config.backend,
+                         "quantize": config.quantize, "device": _device_type(config.device)}
+        self._logits = None  # batch features -> logits; loaded on first use
+
+    def _torch_model(self):
+        if (self.folder / "adapter_config.json").is_file():
+            from curation.train.models import load_adapted
+
+            model, _ = load_adapted(self.folder, merge=True)
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(self.folder), use_safetensors=True, trust_remote_code=False)
+        model = model.to(self.config.device).eval()
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def _load(self) -> None:
+        input_names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.encoder.token_types else [])
+        if self.config.backend == "onnx":
+            self._logits, num_labels = self._load_onnx(input_names)
+        else:
+            import torch
+
+            model = self._torch_model()
+            device = self.config.device
+
+            def logits(features: dict) -> np.ndarray:
+                inputs = {k: torch.as_tensor(v).to(device) for k, v in features.items()}
+                return model(**inputs).logits.float().cpu().numpy()
+            self._logits, num_labels = logits, model.config.num_labels
+        default = self.default_label if self.default_label is not None else {1: 0, 2: 1}.get(num_labels)
+        self.label_index = self.config.label_index if self.config.label_index is not None else default
         if self.label_index is None or self.label_index >= num_labels:
-            raise ValueError(f"model '{config.model}' has {num_labels} labels; set label_index to the reward logit "
+            raise ValueError(f"model '{self.config.model}' has {num_labels} labels; set label_index to the reward logit "
                              f"(0..{num_labels - 1})")
 
+    def _load_onnx(self, input_names: list[str]):
+        import tempfile
+
+        from curation.onnx_scoring import EXPORT_FORMAT, OnnxClassifier, ensure_export
+
+        files = self.files if self.files is not None else scorer_files(self.folder)
+        name = model_hash(files, {"export": EXPORT_FORMAT, "inputs": input_names})
+        if self.config.cache_dir is not None:
+            root = Path(self.config.cache_dir).expanduser() / "onnx"
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="curation-onnx-")  # removed with the scorer
+            root = Path(self._scratch.name)
+        path = ensure_export(root / name, self._torch_model, input_names, self.config.quantize)
+        classifier = OnnxClassifier(path, self.config.threads)
+        return classifier.logits, classifier.num_labels
+
     def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
+        if self._logits is None:
+            self._load()
         encoded = self.encoder.encode(conversations)
         scores = np.full(len(conversations), np.nan)
         usable = [i for i, e in enumerate(encoded) if e is not None]
         if len(usable) < len(encoded):
             progress(len(encoded) - len(usable))
         lengths = np.array([len(encoded[i][0]) for i in usable])
-        with self.torch.inference_mode():
+        tensors = "np" if self.config.backend == "onnx" else "pt"
+        with _inference_mode():
             for batch in length_batches(lengths, self.config.batch_size):
                 rows = [usable[i] for i in batch]
                 features = {"input_ids": [encoded[i][0] for i in rows]}
                 if self.encoder.token_types:
                     features["token_type_ids"] = [encoded[i][1] for i in rows]
-                inputs = self.tokenizer.pad(features, return_tensors="pt", return_attention_mask=True)
-                logits = self.model(**{k: v.to(self.config.device) for k, v in inputs.items()}).logits
-                scores[rows] = logits[:, self.label_index].float().cpu().numpy()
+                inputs = self.tokenizer.pad(features, return_tensors=tensors, return_attention_mask=True)
+                scores[rows] = self._logits(dict(inputs))[:, self.label_index]
                 progress(len(rows))
         return scores  # NaN where the chat template rejected the conversation
 
@@ -346,11 +456,18 @@ class _EmbeddingSimilarity:
     the right to ``max_length`` tokens (capped at the model's own limit).
     """
 
-    def __init__(self, folder: Path, config: ScoreConfig):
-        self.embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length or 512,
-                                         batch_size=config.batch_size, dtype=config.dtype)
+    def __init__(self, folder: Path, config: ScoreConfig, files: dict[str, str] | None = None):
+        self.folder, self.config = folder, config
+        self.settings = {"kind": "embedding_similarity", "max_length": config.max_length or 512,
+                         "dtype": config.dtype, "backend": config.backend, "quantize": config.quantize,
+                         "device": _device_type(config.device)}
+        self.embedder = None  # loaded on first use
 
     def score(self, conversations: list[list[dict]], progress: Callable[[int], None]) -> np.ndarray:
+        if self.embedder is None:
+            self.embedder = SentenceEmbedder(self.folder, device=self.config.device,
+                                             max_length=self.config.max_length or 512,
+                                             batch_size=self.config.batch_size, dtype=self.config.dtype)
         prompts = pl.Series([prompt_text(m) for m in conversations], dtype=pl.String)
         distinct = prompts.unique(maintain_order=True)
         prompt_vectors = self.embedder.embed(distinct.to_list())
@@ -385,6 +502,19 @@ def _default_name(model: str) -> str:
     if model.startswith(PACKAGE_PREFIX):
         return model[len(PACKAGE_PREFIX):]
     return os.path.basename(os.path.normpath(model)) or model
+
+
+def _device_type(device: str) -> str:
+    """'cuda:1' -> 'cuda': the kind of device changes float results, which of several does not."""
+    return device.split(":", 1)[0]
+
+
+@contextmanager
+def _inference_mode():
+    import torch
+
+    with torch.inference_mode():
+        yield
 
 
 @contextmanager

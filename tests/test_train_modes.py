@@ -51,6 +51,20 @@ def test_preference_data_is_the_builds_pairs(demo_build):
     assert 0 < len(native.train) < len(data.train) + len(data.eval)
 
 
+def test_source_weights_repeat_or_subsample_training_pairs_only(demo_build):
+    plain = load_preference_data(demo_build, eval_fraction=0.2, seed=1)
+    weighted = load_preference_data(demo_build, eval_fraction=0.2, seed=1,
+                                    source_weights={"hh_harmless": 3, "alpaca_eval_judgements": 0.5})
+    count = lambda rows, source: sum(r["source"] == source for r in rows)  # noqa: E731
+    assert count(weighted.train, "hh_harmless") == 3 * count(plain.train, "hh_harmless") > 0
+    judged = count(plain.train, "alpaca_eval_judgements")
+    assert 0.2 * judged < count(weighted.train, "alpaca_eval_judgements") < 0.8 * judged
+    assert count(weighted.train, "oasst") == count(plain.train, "oasst")
+    assert weighted.eval == plain.eval
+    with pytest.raises(ValueError, match="not a source"):
+        load_preference_data(demo_build, source_weights={"hh": 2})
+
+
 def test_dpo_trains_an_adapter_against_the_initial_model(demo_build, tiny_base, tmp_path):
     out = tmp_path / "dpo"
     metrics = train_dpo(demo_build, tiny_base, out, TrainConfig(max_steps=4, learning_rate=5e-3, **FAST))

@@ -27,6 +27,7 @@ def build_dir(tmp_path_factory, shared_data):
                       {"role": "user", "content": r["instruction"]},
                       {"role": "assistant", "content": r["output"]}] for r in records],
         "id": [f"ae{i:03d}" for i in range(len(records))],
+        "prompt_id": [f"p{i:03d}" for i in range(len(records))],
     })
     part = folder / "sft/part-00000.parquet"
     frame.write_parquet(part)
@@ -37,13 +38,17 @@ def build_dir(tmp_path_factory, shared_data):
     return folder
 
 
-def test_split_is_deterministic_and_checks_manifest(build_dir, tmp_path):
+def test_split_is_deterministic_by_prompt_and_checks_manifest(build_dir, tmp_path):
     a = load_sft_data(build_dir, eval_fraction=0.25, seed=3)
     b = load_sft_data(build_dir, eval_fraction=0.25, seed=3)
     c = load_sft_data(build_dir, eval_fraction=0.25, seed=4)
-    assert (len(a.train), len(a.eval)) == (30, 10)
+    assert len(a.train) + len(a.eval) == 40 and 4 <= len(a.eval) <= 18
     assert a.eval == b.eval and a.eval != c.eval
+    assert not {str(r["prompt"]) for r in a.eval} & {str(r["prompt"]) for r in a.train}
     assert a.train[0]["completion"][0]["role"] == "assistant" and a.train[0]["prompt"][-1]["role"] == "user"
+    # A cap on evaluated rows keeps a nested subset and never moves held-out prompts into training.
+    capped = load_sft_data(build_dir, eval_fraction=0.25, seed=3, max_eval=2)
+    assert len(capped.eval) == 2 and all(r in a.eval for r in capped.eval) and capped.train == a.train
     tampered = tmp_path / "build"
     (tampered / "sft").mkdir(parents=True)
     (tampered / "manifest.json").write_text((build_dir / "manifest.json").read_text())

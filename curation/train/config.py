@@ -42,6 +42,10 @@ class TrainConfig(BaseModel):
     pairs: Literal["all", "native", "score"] = Field(
         "all", description="dpo/reward: which preference pairs to use: native (human or judge rankings), "
                            "score (scorer margin) or all")
+    source_weights: dict[str, float] = Field(
+        default_factory=dict, description="dpo/reward: times each training pair of a source is used per epoch "
+                                          "(e.g. {hh_harmless: 3, alpaca_eval_judgements: 0.5}); held-out pairs "
+                                          "are never reweighted")
     full_finetune: bool = Field(False, description="reward: train every weight instead of a LoRA adapter plus head")
     reward_input: Literal["auto", "chat_template", "text_pair"] = Field(
         "auto", description="reward: how a conversation is encoded (auto: the chat template when the tokenizer has "

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curation.hashing import file_sha256
+from curation.hashing import file_sha256, unit_hash
 
 
 @dataclass
@@ -54,15 +54,21 @@ def verified_files(build_dir: Path, manifest: dict, output: str) -> list[dict]:
     return files
 
 
-def split_indices(n: int, eval_fraction: float, seed: int, max_eval: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation: the same rows go to eval for the same seed and input order."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = int(round(n * eval_fraction)) if n > 1 else 0
-    if eval_fraction > 0 and n > 1:
-        n_eval = max(1, min(n_eval, n - 1))
-    if max_eval is not None:
-        n_eval = min(n_eval, max_eval)
-    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+def split_indices(keys: list[str], eval_fraction: float, seed: int,
+                  max_eval: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows) by a seeded hash of each row's prompt: all answers to one prompt fall on one side,
+    and a prompt is held out for a seed whatever else the build holds. Held-out rows beyond ``max_eval`` are left
+    out of training too, so the held-out split never depends on the cap."""
+    position = unit_hash(keys, seed)
+    held_out = position < eval_fraction
+    eval_idx = np.flatnonzero(held_out)
+    eval_idx = eval_idx[np.argsort(position[eval_idx], kind="stable")][:max_eval]
+    return np.flatnonzero(~held_out), np.sort(eval_idx)
+
+
+def heldout_mask(prompt_ids: list[str], eval_fraction: float, seed: int) -> np.ndarray:
+    """True for prompts the trainer holds out for (eval_fraction, seed): they were never trained on."""
+    return unit_hash(prompt_ids, seed) < eval_fraction
 
 
 def read_output(build_dir: str | Path, output: str, columns: list[str]) -> tuple[pl.DataFrame, dict, list[dict]]:
@@ -77,24 +83,32 @@ def read_output(build_dir: str | Path, output: str, columns: list[str]) -> tuple
 def load_sft_data(build_dir: str | Path, eval_fraction: float = 0.1, seed: int = 0,
                   max_eval: int | None = None, max_train: int | None = None) -> TrainData:
     """Rows of ``build_dir/sft`` as prompt (all messages but the last) / completion (the final assistant answer)."""
-    frame, manifest, files = read_output(build_dir, "sft", ["id", "messages"])
-    messages = frame["messages"].to_list()
-    usable = [m for m in messages if m and len(m) >= 2 and m[-1]["role"] == "assistant" and m[-1]["content"]]
-    if not usable:
+    frame, manifest, files = read_output(build_dir, "sft", ["id", "messages", "prompt_id"])
+    last = pl.col("messages").list.last()
+    usable = frame.filter(pl.col("messages").list.len() >= 2, last.struct.field("role") == "assistant",
+                          last.struct.field("content").fill_null("").str.len_chars() > 0)
+    if usable.is_empty():
         raise ValueError(f"{build_dir}/sft has no conversation ending in an assistant answer; nothing to train on")
-    rows = [{"prompt": m[:-1], "completion": [m[-1]]} for m in usable]
-    return _split(rows, manifest, files, len(messages) - len(usable), eval_fraction, seed, max_eval, max_train)
+    rows = [{"prompt": m[:-1], "completion": [m[-1]]} for m in usable["messages"].to_list()]
+    keys = usable.select(pl.coalesce("prompt_id", "id")).to_series().to_list()
+    return _split(rows, keys, manifest, files, frame.height - usable.height, eval_fraction, seed, max_eval, max_train)
 
 
 def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed: int = 0,
                          max_eval: int | None = None, max_train: int | None = None,
-                         pair_sources: list[str] | None = None) -> TrainData:
+                         pair_sources: list[str] | None = None,
+                         source_weights: dict[str, float] | None = None) -> TrainData:
     """Rows of ``build_dir/preference`` in TRL's explicit-prompt layout: prompt, chosen and rejected message lists.
 
-    ``pair_sources`` keeps only 'native' (human or judge rankings) or 'score' (scorer margin) pairs.
+    ``pair_sources`` keeps only 'native' (human or judge rankings) or 'score' (scorer margin) pairs;
+    ``source_weights`` repeats (> 1) or subsamples (< 1) the training pairs of a source, by seed.
     """
-    frame, manifest, files = read_output(build_dir, "preference",
-                                         ["chosen_id", "rejected_id", "prompt", "chosen", "rejected", "pair_source"])
+    frame, manifest, files = read_output(build_dir, "preference", ["chosen_id", "rejected_id", "prompt", "chosen",
+                                                                    "rejected", "pair_source", "prompt_id", "source"])
+    unknown = sorted(set(source_weights or {}) - set(frame["source"].unique().to_list()))
+    if unknown:
+        raise ValueError(f"source_weights names {', '.join(unknown)}, not a source of {build_dir}/preference; "
+                         f"use the recipe's source names")
     frame = frame.sort("chosen_id", "rejected_id")
     if pair_sources is not None:
         frame = frame.filter(pl.col("pair_source").is_in(pair_sources))
@@ -103,13 +117,26 @@ def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed
                           pl.col("prompt").list.len() > 0)
     if usable.is_empty():
         raise ValueError(f"{build_dir}/preference has no pair with a prompt and two answers; nothing to train on")
-    rows = usable.select("prompt", "chosen", "rejected").to_dicts()
-    return _split(rows, manifest, files, frame.height - usable.height, eval_fraction, seed, max_eval, max_train)
+    rows = usable.select("prompt", "chosen", "rejected", "source").to_dicts()
+    keys = usable.select(pl.coalesce("prompt_id", "chosen_id")).to_series().to_list()
+    data = _split(rows, keys, manifest, files, frame.height - usable.height, eval_fraction, seed, max_eval, max_train)
+    if source_weights:
+        data.train = reweight(data.train, source_weights, seed)
+    return data
 
 
-def _split(rows: list[dict], manifest: dict, files: list[dict], skipped: int, eval_fraction: float, seed: int,
-           max_eval: int | None, max_train: int | None) -> TrainData:
-    train_idx, eval_idx = split_indices(len(rows), eval_fraction, seed, max_eval)
+def reweight(rows: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
+    """Each row ``floor(w)`` times plus once more with probability ``w - floor(w)``; order shuffled by seed."""
+    rng = np.random.default_rng(seed)
+    w = np.array([weights.get(r["source"], 1.0) for r in rows])
+    copies = np.floor(w).astype(int) + (rng.random(len(rows)) < w - np.floor(w))
+    picked = np.repeat(np.arange(len(rows)), copies)
+    return [rows[i] for i in rng.permutation(picked)]
+
+
+def _split(rows: list[dict], keys: list[str], manifest: dict, files: list[dict], skipped: int, eval_fraction: float,
+           seed: int, max_eval: int | None, max_train: int | None) -> TrainData:
+    train_idx, eval_idx = split_indices(keys, eval_fraction, seed, max_eval)
     if max_train is not None:
         train_idx = train_idx[:max_train]
     return TrainData(train=[rows[i] for i in train_idx], eval=[rows[i] for i in eval_idx],

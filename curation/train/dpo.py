@@ -15,6 +15,10 @@ from curation.train.sft import lora_config
 _PAIRS = {"all": None, "native": ["native"], "score": ["score"]}
 
 
+def _pairs_only(rows: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
 def build_dpo_trainer(data: TrainData, base: str | Path | None, out_dir: Path, config: TrainConfig,
                       init_adapter: str | Path | None = None):
     from datasets import Dataset
@@ -28,8 +32,8 @@ def build_dpo_trainer(data: TrainData, base: str | Path | None, out_dir: Path, c
     args = DPOConfig(**runner.trainer_args(config, out_dir), beta=config.beta)
     return DPOTrainer(
         model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        train_dataset=Dataset.from_list(_pairs_only(data.train)),
+        eval_dataset=Dataset.from_list(_pairs_only(data.eval)) if data.eval else None,
         peft_config=lora_config(config) if init_adapter is None else None,
     )
 
@@ -42,7 +46,7 @@ def train_dpo(data_dir: str | Path, base: str | Path | None, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_preference_data(data_dir, config.eval_fraction, config.seed, config.max_eval_examples,
-                                config.max_train_examples, _PAIRS[config.pairs])
+                                config.max_train_examples, _PAIRS[config.pairs], config.source_weights)
     fingerprint = {"mode": "dpo", "config": config.model_dump(), "dataset": data.provenance(),
                    "base": runner.base_record(base)["ref"], "init_adapter": str(init_adapter)}
     checkpoint, saved = runner.start_run(out_dir, fingerprint, resume)

@@ -88,19 +88,21 @@ def build_reward_trainer(data: TrainData, base: str | Path | None, out_dir: Path
 
 
 def pairwise_accuracy(folder: Path, rows: list[dict]) -> dict:
-    """Held-out accuracy of the saved model as the scoring stage loads it, next to 'the longer answer wins'."""
+    """Held-out accuracy of the saved model as the scoring stage loads it, next to 'the longer answer wins', overall
+    and per source (ties count half)."""
     if not rows:
-        return {"eval_pairs": 0, "eval_accuracy": None, "eval_accuracy_longer": None}
+        return {"eval_pairs": 0, "eval_accuracy": None, "eval_accuracy_longer": None, "eval_by_source": {}}
     config = ScoreConfig(kind="reward_model", model=str(folder))
     chosen = score_conversations([r["prompt"] + r["chosen"] for r in rows], config)
     rejected = score_conversations([r["prompt"] + r["rejected"] for r in rows], config)
-    longer_chosen = np.array([len(answer_text(r["chosen"])) for r in rows])
-    longer_rejected = np.array([len(answer_text(r["rejected"])) for r in rows])
-    return {
-        "eval_pairs": len(rows),
-        "eval_accuracy": float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))),
-        "eval_accuracy_longer": float(np.mean((longer_chosen > longer_rejected) + 0.5 * (longer_chosen == longer_rejected))),
-    }
+    model_wins = (chosen > rejected) + 0.5 * (chosen == rejected)
+    length = lambda side: np.array([len(answer_text(r[side])) for r in rows])  # noqa: E731
+    longer_wins = (length("chosen") > length("rejected")) + 0.5 * (length("chosen") == length("rejected"))
+    sources = np.array([r.get("source") or "" for r in rows])
+    by_source = {s: {"pairs": int((sources == s).sum()), "accuracy": float(model_wins[sources == s].mean()),
+                     "accuracy_longer": float(longer_wins[sources == s].mean())} for s in sorted(set(sources))}
+    return {"eval_pairs": len(rows), "eval_accuracy": float(model_wins.mean()),
+            "eval_accuracy_longer": float(longer_wins.mean()), "eval_by_source": by_source}
 
 
 def train_reward(data_dir: str | Path, base: str | Path | None, out_dir: str | Path,
@@ -111,7 +113,7 @@ def train_reward(data_dir: str | Path, base: str | Path | None, out_dir: str | P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_preference_data(data_dir, config.eval_fraction, config.seed, config.max_eval_examples,
-                                config.max_train_examples, _PAIRS[config.pairs])
+                                config.max_train_examples, _PAIRS[config.pairs], config.source_weights)
     fingerprint = {"mode": "reward", "config": config.model_dump(), "dataset": data.provenance(),
                    "base": runner.base_record(base)["ref"], "init_adapter": str(init_adapter)}
     checkpoint, saved = runner.start_run(out_dir, fingerprint, resume)

@@ -240,6 +240,9 @@ def model_card(metrics: dict) -> str:
         lines.append(f"- Held-out pairwise accuracy: {fmt(metrics.get('eval_accuracy'))} "
                      f"(longer answer wins: {fmt(metrics.get('eval_accuracy_longer'))}) on "
                      f"{metrics.get('eval_pairs')} pairs")
+        for source, row in (metrics.get("eval_by_source") or {}).items():
+            lines.append(f"  - {source}: {row['accuracy']:.4f} (longer wins {row['accuracy_longer']:.4f}) "
+                         f"on {row['pairs']} pairs")
     init = f"\n- Started from adapter: `{metrics['init_adapter']}`" if metrics.get("init_adapter") else ""
     return f"""---
 library_name: {"transformers" if mode == "reward" and cfg["full_finetune"] else "peft"}
