@@ -30,7 +30,9 @@ file (a hub model) is measured on every prompt, and the output says ``"heldout":
    The scorer is measured only on held-out prompts (prompt_id computed by running the pipeline's
    normalise stage over the instruction), and the ``bestofn_*`` keys are all on those prompts, so
    every selection is compared on the same prompts; ``bestofn_best_single`` is the best model on
-   that subset (chosen in hindsight). The ``all_*`` keys are on all 805 prompts.
+   that subset (chosen in hindsight). The ``all_*`` keys are on all 805 prompts: random 0.141,
+   longest 0.572, best single (FuseChat-Gemma-2-9B-Instruct) 0.717, oracle_no_reference 0.886, the
+   issue's 0.15 / 0.57 / 0.72 / 0.89 (checked by tests/test_benchmark_reward.py).
 3. Speed: the same conversations (a seeded sample of the held-out ones; 1000, or 200 with --quick)
    scored by (a) a plain transformers loop: AutoModelForSequenceClassification (an adapter folder
    merged by ``load_adapted(merge=True)``) and its tokenizer called directly, batches of 32 in input
@@ -58,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -200,6 +203,10 @@ def plain_scores(folder: Path, conversations: list[list[dict]], config: ScoreCon
     max_length = config.max_length or settings.get("max_length") or 512
     label = config.label_index if config.label_index is not None else settings.get(
         "label_index", {1: 0, 2: 1}.get(model.config.num_labels, 0))
+    if settings.get("length_hint"):  # part of the model's input definition, as in training
+        from curation.score import with_length_hint
+
+        conversations = [with_length_hint(m) for m in conversations]
     out = []
     loaded = time.perf_counter()
     with torch.inference_mode():
@@ -226,7 +233,8 @@ def fits(folder: Path, conversations: list[list[dict]], config: ScoreConfig) -> 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     kind = config.input or settings.get("input") or ("chat_template" if tokenizer.chat_template else "text_pair")
     max_length = config.max_length or settings.get("max_length") or 512
-    full = RewardEncoder(tokenizer, kind, 1 << 30, config.model).encode(conversations)
+    full = RewardEncoder(tokenizer, kind, 1 << 30, config.model,
+                         length_hint=bool(settings.get("length_hint"))).encode(conversations)
     return np.array([e is not None and len(e[0]) <= max_length for e in full])
 
 
@@ -253,7 +261,8 @@ def main() -> None:
     parser.add_argument("--kind", default="reward_model", choices=["reward_model", "embedding_similarity"],
                         help="embedding_similarity measures the interim scorer (no speed comparison)")
     parser.add_argument("--dtype", help="passed to ScoreConfig (float32 | bfloat16)")
-    parser.add_argument("--backend", help="passed to ScoreConfig when it has a backend field")
+    parser.add_argument("--backend", help="passed to ScoreConfig (torch | onnx)")
+    parser.add_argument("--quantize", help="passed to ScoreConfig (none | int8, with --backend onnx)")
     parser.add_argument("--max-length", type=int, help="tokens per input for both paths (default: the model's)")
     parser.add_argument("--max-pairs", type=int, help="held-out pairs per source (default: all; 50 with --quick)")
     parser.add_argument("--max-prompts", type=int, help="held-out AlpacaEval prompts for best-of-n "
@@ -271,14 +280,17 @@ def main() -> None:
         folder = model_folder(args.model)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    options = {"dtype": args.dtype, "backend": args.backend, "max_length": args.max_length}
+    options = {"dtype": args.dtype, "backend": args.backend, "quantize": args.quantize, "max_length": args.max_length}
     unknown = [k for k, v in options.items() if v is not None and k not in ScoreConfig.model_fields]
     if unknown:
         raise SystemExit(f"ScoreConfig has no field {', '.join(unknown)} in this version; drop --{unknown[0]}")
-    config = ScoreConfig(kind=args.kind, model=args.model, **{k: v for k, v in options.items() if v is not None})
+    try:
+        config = ScoreConfig(kind=args.kind, model=args.model, **{k: v for k, v in options.items() if v is not None})
+    except ValidationError as error:
+        raise SystemExit(f"scoring options: {'; '.join(e['msg'] for e in error.errors())}") from None
     split = held_out_split(folder)
     figures: dict = {"model": args.model, "kind": args.kind, "data": str(args.data), "quick": args.quick,
-                     "heldout": split is not None}
+                     "options": {k: v for k, v in options.items() if v is not None}, "heldout": split is not None}
     if split is None:
         print(f"note: {folder} has no training_metrics.json with an eval_fraction: measuring on ALL prompts "
               f"(the model may have trained on some of them)", file=sys.stderr)

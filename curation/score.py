@@ -270,8 +270,10 @@ class RewardEncoder:
     answer cannot be located in the rendered text, the sequence keeps its tail.
     """
 
-    def __init__(self, tokenizer, input: str, max_length: int, model_name: str = "the model"):
+    def __init__(self, tokenizer, input: str, max_length: int, model_name: str = "the model",
+                 length_hint: bool = False):
         self.tokenizer, self.input, self.max_length = tokenizer, input, max_length
+        self.length_hint = length_hint
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"model '{model_name}': its tokenizer has no fast (tokenizers) backend, which reward "
@@ -287,6 +289,8 @@ class RewardEncoder:
 
     def encode(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | None]:
         """(input ids, token type ids) per conversation; None where the chat template rejected it."""
+        if self.length_hint:
+            conversations = [with_length_hint(m) for m in conversations]
         return (self._encode_chat if self.input == "chat_template" else self._encode_pair)(conversations)
 
     def _encode_chat(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | None]:
@@ -334,6 +338,15 @@ class RewardEncoder:
         return out
 
 
+def with_length_hint(messages: list[dict]) -> list[dict]:
+    """The final answer opened by its word count, '[212 words] ...': truncation keeps the answer's head, so without
+    it a model with a short window cannot tell a complete long answer from a short one."""
+    if not messages:
+        return messages
+    answer = messages[-1]["content"] or ""
+    return [*messages[:-1], {"role": messages[-1]["role"], "content": f"[{len(answer.split())} words] {answer}"}]
+
+
 class _RewardModel:
     """A sequence-classification model (or a reward adapter trained by ``curate train reward``) whose chosen logit
     is the reward: in torch, or exported to ONNX Runtime (``backend: onnx``)."""
@@ -354,7 +367,8 @@ class _RewardModel:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"model '{config.model}': the tokenizer has no pad or eos token to pad batches with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.encoder = RewardEncoder(self.tokenizer, input, max_length, config.model)
+        self.encoder = RewardEncoder(self.tokenizer, input, max_length, config.model,
+                                     length_hint=bool(settings.get("length_hint", False)))
         self.default_label = settings.get("label_index")
         # Everything besides the model files that changes the numbers (label_index as set: its default follows
         # from the hashed files).

@@ -28,6 +28,7 @@ from curation.ingest import IngestResult, ingest
 from curation.normalize import normalize
 from curation.recipe import Recipe, load_recipe
 from curation.score import score_records
+from curation.score_cache import resolve_cache_dir
 from curation.select import Selection, select
 from curation.semantic_dedup import semantic_deduplicate
 from curation.stage import StageResult
@@ -104,19 +105,22 @@ def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> t
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, quiet: bool):
-    """Score the funnel's survivors and the ranked rows native pairs are built from."""
+def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, base_dir: Path, quiet: bool):
+    """Score the funnel's survivors and the ranked rows native pairs are built from (cached scores are reused)."""
     ranked = pair_pool.filter(pl.col("rank_group").is_not_null())
     to_score = pl.concat([candidates, ranked.join(candidates.select("id"), on="id", how="anti")])
     if recipe.score is None:
-        return candidates, pair_pool, None
-    distinct = to_score.filter(pl.col("kind") == "conversation")["content_hash"].n_unique()
-    with _bar("score", distinct, quiet) as bar:
-        scored, info = score_records(to_score, recipe.score, progress=bar.update)
-        bar.update(distinct - bar.n)
+        return candidates, pair_pool, None, {}
+    cache_dir = resolve_cache_dir(recipe.score.cache_dir, base_dir)
+    config = recipe.score.model_copy(update={"cache_dir": None if cache_dir is None else str(cache_dir)})
+    with _bar("score", None, quiet) as bar:
+        scored, info = score_records(to_score, config, progress=bar.update, on_total=lambda n: bar.reset(total=n))
+        bar.update(info.counts["computed"] - bar.n)
+    stats = {"distinct_contents": info.counts["distinct"], "cached": info.counts["cached"],
+             "computed": info.counts["computed"], "cache_dir": config.cache_dir, "model_hash": info.model_hash}
     scores = scored.select("id", "score", "scorer")
     attach = lambda frame: frame.drop("score", "scorer").join(scores, on="id", how="left")  # noqa: E731
-    return attach(candidates), attach(pair_pool), info
+    return attach(candidates), attach(pair_pool), info, stats
 
 
 @task(name="select", cache_policy=NO_CACHE)
@@ -193,7 +197,8 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
     if score_first:
         # Reward-aware dedup: score every survivor of the filter (each distinct content once),
         # so each duplicate cluster keeps its best-scored member.
-        pair_pool, _, scorer = timed("score", score_task, filtered.kept, filtered.kept, parsed, quiet)
+        pair_pool, _, scorer, score_stats = timed("score", score_task, filtered.kept, filtered.kept, parsed,
+                                                  base_dir, quiet)
         deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet)
     else:
         deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
@@ -207,10 +212,11 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         logger.info("%s: %d in, %d out, dropped %s", stage, counts["in"], counts["out"], counts["dropped_by_reason"])
 
     if not score_first:
-        candidates, pair_pool, scorer = timed("score", score_task, semantic.kept, filtered.kept, parsed, quiet)
+        candidates, pair_pool, scorer, score_stats = timed("score", score_task, semantic.kept, filtered.kept, parsed,
+                                                           base_dir, quiet)
     stage_counts["score"] = {"in": candidates.height, "out": candidates.height, "dropped": 0,
                              "dropped_by_reason": {}, "before_dedup": score_first,
-                             "scored": int(candidates["score"].is_not_null().sum())}
+                             "scored": int(candidates["score"].is_not_null().sum()), **score_stats}
 
     selection = timed("select", select_task, candidates, pair_pool, parsed, quiet)
     settlement = accounting.settle(
@@ -232,7 +238,7 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         "recipe": parsed.model_dump(mode="json"),
         "inputs": [dict(vars(f)) for f in ingested.files],
         "stages": stage_counts,
-        "models": ([vars(scorer)] if scorer is not None else [])
+        "models": ([scorer.provenance()] if scorer is not None else [])
                   + ([{"name": "semantic-dedup", "kind": "embedding", **semantic_model}] if semantic_model else []),
         "package": {"name": "curation", "version": curation.__version__},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),

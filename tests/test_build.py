@@ -27,7 +27,7 @@ def test_outputs_and_manifest(demo_build):
     assert manifest["conservation"]["ok"] is True
     assert manifest["recipe"]["name"] == "demo"
     assert all(len(f["sha256"]) == 64 for f in manifest["inputs"])
-    assert manifest["models"][0]["name"] == "interim-minilm-relevance"
+    assert manifest["models"][0]["name"] == "curation-rm-minilm"
     assert manifest["models"][0]["files"], "model file hashes are recorded"
     for stage in ("ingest", "normalize", "filter", "dedup", "score", "select"):
         assert {"in", "out", "dropped", "dropped_by_reason"} <= set(manifest["stages"][stage])
@@ -104,6 +104,7 @@ def test_reward_aware_dedup_keeps_the_best_scored_copy(tmp_path):
     recipe["dedup"]["keep"] = "score"
     for source in recipe["sources"]:
         source["path"] = str((ROOT / "recipes" / source["path"]).resolve())
+    recipe["score"]["model"] = str((ROOT / "recipes" / recipe["score"]["model"]).resolve())
     path = tmp_path / "score_keep.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"

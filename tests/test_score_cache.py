@@ -203,6 +203,8 @@ def test_a_cached_rebuild_through_the_flow(tmp_path):
     recipe = yaml.safe_load((PROJECT_ROOT / "recipes" / "demo.yaml").read_text())
     for source in recipe["sources"]:
         source["path"] = str((PROJECT_ROOT / "recipes" / source["path"]).resolve())
+    if recipe["score"]["model"].startswith("."):
+        recipe["score"]["model"] = str((PROJECT_ROOT / "recipes" / recipe["score"]["model"]).resolve())
     recipe["semantic_dedup"]["enabled"] = False  # not what is tested here, and it loads a second model
     recipe["score"]["cache_dir"] = "score-cache"  # relative: resolves against the recipe's folder
     path = tmp_path / "demo_cached.yaml"

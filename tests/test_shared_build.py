@@ -29,6 +29,8 @@ def _recipe(shared_data: Path, tmp_path: Path) -> Path:
             sources.append({**per_file, "name": f"{source['name']}/{path.name}", "path": str(path),
                             "max_records": PER_FILE})
     recipe = {**shipped, "name": "shared-capped", "sources": sources}
+    if recipe["score"]["model"].startswith("."):  # a model folder beside the shipped recipe
+        recipe["score"] = {**recipe["score"], "model": str((shipped_dir / recipe["score"]["model"]).resolve())}
     path = tmp_path / "shared_capped.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -232,3 +232,17 @@ def test_train_commands_for_every_mode(demo_build, tiny_base, tiny_bert, tmp_pat
     assert main(["train", "reward", "--base", str(tiny_bert), "--out", str(tmp_path / "x"), *common,
                  "--pairs", "sometimes"]) == 1
     assert "pairs" in capsys.readouterr().err
+
+
+def test_length_hint_opens_the_answer_and_survives_truncation(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from curation.score import RewardEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    long_answer = "word " * 400
+    conversation = [{"role": "user", "content": "Write a lot."}, {"role": "assistant", "content": long_answer}]
+    plain = RewardEncoder(tokenizer, "text_pair", 32).encode([conversation])[0][0]
+    hinted = RewardEncoder(tokenizer, "text_pair", 32, length_hint=True).encode([conversation])[0][0]
+    assert len(plain) == len(hinted) == 32  # both truncated to the window
+    assert "[ 400 words ]" in tokenizer.decode(hinted) and "words ]" not in tokenizer.decode(plain)

@@ -46,6 +46,9 @@ class TrainConfig(BaseModel):
         default_factory=dict, description="dpo/reward: times each training pair of a source is used per epoch "
                                           "(e.g. {hh_harmless: 3, alpaca_eval_judgements: 0.5}); held-out pairs "
                                           "are never reweighted")
+    reward_length_hint: bool = Field(
+        False, description="reward: open each answer with its word count ('[212 words] ...') so a short window still "
+                           "sees how long the whole answer is; recorded for the scoring stage")
     full_finetune: bool = Field(False, description="reward: train every weight instead of a LoRA adapter plus head")
     reward_input: Literal["auto", "chat_template", "text_pair"] = Field(
         "auto", description="reward: how a conversation is encoded (auto: the chat template when the tokenizer has "

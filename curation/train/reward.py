@@ -72,7 +72,8 @@ def build_reward_trainer(data: TrainData, base: str | Path | None, out_dir: Path
     set_seed(config.seed)
     model, tokenizer = load_base(base, "reward", quantize_4bit=config.qlora)
     model = runner.prepare_model(model, config, init_adapter)
-    encoder = RewardEncoder(tokenizer, reward_input(tokenizer, config), config.max_length, str(base))
+    encoder = RewardEncoder(tokenizer, reward_input(tokenizer, config), config.max_length, str(base),
+                            length_hint=config.reward_length_hint)
     train = encode_pairs(data.train, encoder)
     if not train:
         raise ValueError("no preference pair could be encoded for reward training; check the chat template")
@@ -126,7 +127,8 @@ def train_reward(data_dir: str | Path, base: str | Path | None, out_dir: str | P
     after = trainer.evaluate() if data.eval else {}
     trainer.model.save_pretrained(out_dir)  # LoRA: adapter + head (modules_to_save); full: model.safetensors
     trainer.processing_class.save_pretrained(out_dir)
-    settings = {"input": encoder.input, "max_length": config.max_length, "label_index": 0}
+    settings = {"input": encoder.input, "max_length": config.max_length, "label_index": 0,
+                "length_hint": encoder.length_hint}
     (out_dir / REWARD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     figures = dict(eval_loss_base=saved["eval_before"].get("eval_loss"),
                    eval_loss=after.get("eval_loss"), encoding=settings)
