@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test env schemas sample clean
+.PHONY: demo test env schemas sample clean browser
 
 env: $(STAMP)
 
@@ -29,8 +29,14 @@ demo: $(STAMP)
 	$(BIN)/curate build recipes/demo.yaml --out $(OUT)
 	@echo "outputs in $(OUT): sft/ preference/ prompts/ rejected/ quarantine/ manifest.json"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the report test (Debian's package); without it those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed (needs apt-get as root): the report browser tests will skip"
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas

@@ -109,7 +109,34 @@ def check_outputs(out_dir: Path, manifest: dict) -> dict:
     if counts and (counts.get("kept"), counts.get("rejected"), counts.get("quarantined")) != (
             kept.len(), rejected.n_unique(), quarantined):
         problems.append("manifest counts differ from the files on disk")
+    lineage_rows = None
+    if parts("lineage"):
+        lineage = pl.read_parquet(parts("lineage"), columns=["id", "stage", "outputs"])
+        lineage_rows = lineage.height
+        problems += _lineage_problems(lineage, kept, rejected, expected_rows)
     if problems:
         raise ConservationError("conservation failed: " + "; ".join(problems))
-    return {"ok": True, "input_records": expected_rows + expected_quarantine, "kept": kept.len(),
-            "rejected": rejected.n_unique(), "quarantined": quarantined}
+    result = {"ok": True, "input_records": expected_rows + expected_quarantine, "kept": kept.len(),
+              "rejected": rejected.n_unique(), "quarantined": quarantined}
+    if lineage_rows is not None:
+        result["lineage_rows"] = lineage_rows
+    return result
+
+
+def _lineage_problems(lineage: pl.DataFrame, kept: pl.Series, rejected: pl.Series, expected_rows: int) -> list[str]:
+    """The lineage has one row per parsed record and agrees with the outputs on every row's fate."""
+    problems = []
+    if lineage.height != expected_rows:
+        problems.append(f"lineage has {lineage.height} rows, inputs report {expected_rows} records parsed")
+    if lineage["id"].is_duplicated().any():
+        problems.append(f"{int(lineage['id'].is_duplicated().sum())} lineage ids appear twice")
+    in_outputs = pl.col("outputs").list.len() > 0
+    if lineage.filter(in_outputs == pl.col("stage").is_not_null()).height:
+        problems.append("lineage rows must be either in an output or dropped by a stage, not both or neither")
+    says_kept = lineage.filter(pl.col("stage").is_null())["id"]
+    says_rejected = lineage.filter(pl.col("stage").is_not_null())["id"]
+    if says_kept.len() != kept.len() or not says_kept.is_in(kept.implode()).all():
+        problems.append("lineage disagrees with the outputs on which rows are kept")
+    if says_rejected.len() != rejected.n_unique() or not says_rejected.is_in(rejected.implode()).all():
+        problems.append("lineage disagrees with rejected/ on which rows are rejected")
+    return problems

@@ -75,11 +75,81 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from curation.audit import AuditError, audit_id, audit_record, format_audit, format_record_audit
+
+    if (args.id is None) == (args.source is None) or (args.source is None) != (args.record is None):
+        print("curate audit: give either --id ID, or --source FILE with --record N", file=sys.stderr)
+        return 2
+    try:
+        if args.id is not None:
+            report = audit_id(args.out_dir, args.id)
+            text = format_audit
+        else:
+            report = audit_record(args.out_dir, args.source, args.record)
+            text = format_record_audit
+    except AuditError as error:
+        print(f"curate audit: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, ensure_ascii=False) if args.json else text(report))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from curation.card import read_manifest, write_card
+    from curation.report import write_report
+
+    started = time.perf_counter()
+    manifest = read_manifest(args.out_dir)
+    card, report = write_card(args.out_dir, manifest), write_report(args.out_dir, manifest)
+    print(json.dumps({"card": str(card.resolve()), "report": str(report.resolve()),
+                      "report_bytes": report.stat().st_size, "seconds": round(time.perf_counter() - started, 3)}))
+    return 0
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from schemas.export import write_json_schemas
 
     for path in write_json_schemas(Path(args.out) if args.out else None):
         print(path)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from curation.verify import VerifyError, verify_build
+
+    try:
+        result = verify_build(args.out_dir, check_inputs=not args.skip_inputs)
+    except VerifyError as error:
+        print(f"curate verify: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _rows_option(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"--rows takes a number or 'all', not {value!r}")
+    return int(value)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from curation.diff import DiffError, diff_builds, format_diff
+    from curation.verify import VerifyError
+
+    try:
+        result = diff_builds(args.out_a, args.out_b)
+    except (DiffError, VerifyError) as error:
+        print(f"curate diff: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(args.rows), indent=2, default=str) if args.json else format_diff(result, args.rows))
     return 0
 
 
@@ -140,9 +210,41 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
 
+    audit = commands.add_parser(
+        "audit", help="where a row came from and what every stage decided about it",
+        description="Trace one row (--id) or one input record (--source FILE --record N) through a build: its origin "
+                    "and raw record read back from the input file, every stage's decision and values, its duplicates, "
+                    "outputs and preference pairs.")
+    audit.add_argument("out_dir", type=Path, help="a build's output folder (with manifest.json and lineage/)")
+    audit.add_argument("--id", help="row id (the id column of lineage/, sft/, rejected/; chosen_id / rejected_id)")
+    audit.add_argument("--source", help="input file: the path in manifest.json or any path to the same file")
+    audit.add_argument("--record", help="record position as in source_record: N or label:N (line:N counts lines "
+                                        "from 1; index:N, prompt:N and row:N count from 0)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    audit.set_defaults(func=_audit)
+
+    report = commands.add_parser("report", help="rewrite a build's dataset card (README.md) and report.html")
+    report.add_argument("out_dir", type=Path, help="a build's output folder (with manifest.json)")
+    report.set_defaults(func=_report)
+
     schema = commands.add_parser("schemas", help="write the JSON Schema exports of the Arrow schemas and the recipe")
     schema.add_argument("--out", help="folder (default: the installed schemas package)")
     schema.set_defaults(func=_schemas)
+
+    verify = commands.add_parser("verify", help="check a build's outputs, conservation and inputs against its manifest")
+    verify.add_argument("out_dir", type=Path, help="a build's output folder (with manifest.json)")
+    verify.add_argument("--json", action="store_true", help="machine output listing every problem")
+    verify.add_argument("--skip-inputs", action="store_true",
+                        help="do not re-hash the input files (e.g. the build was copied away from its data)")
+    verify.set_defaults(func=_verify)
+
+    diff = commands.add_parser("diff", help="rows added, removed and changed between two builds, and why")
+    diff.add_argument("out_a", type=Path, help="the earlier build's output folder")
+    diff.add_argument("out_b", type=Path, help="the later build's output folder")
+    diff.add_argument("--json", action="store_true", help="machine output")
+    diff.add_argument("--rows", type=_rows_option, default=5, metavar="N",
+                      help="example rows per kind of change (default 5; 'all' lists every row)")
+    diff.set_defaults(func=_diff)
     return root
 
 

@@ -211,7 +211,9 @@ def filter_records(records: pl.DataFrame, config: FilterConfig,
             .sort("_row").select(records.columns))
     rejected = verdict.join(frame.select("_row", "id"), on="_row").sort("_row")
     out = rejections(rejected, STAGE, pl.col("reason"), pl.col("detail")) if rejected.height else empty_rejections()
-    return StageResult(kept=kept, rejected=out)
+    # the language of rows rejected for it, for the lineage
+    values = language.join(rejected, on="_row", how="semi").join(frame.select("_row", "id"), on="_row")
+    return StageResult(kept=kept, rejected=out, values=values.sort("_row").select("id", "language", "language_score"))
 
 
 def _texts(frame: pl.DataFrame) -> pl.DataFrame:
@@ -236,7 +238,7 @@ def _texts(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _judge(part: pl.DataFrame, config: FilterConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(_row, reason, detail) of the rows rejected, and (_row, language, language_score) of those kept."""
+    """(_row, reason, detail) of the rows rejected, and (_row, language, language_score) of every row identified."""
     texts = _texts(part)
     # the normalise stage guarantees this; a frame that skipped it must not slip through
     checks: list[tuple[pl.Expr, str | pl.Expr, pl.Expr]] = [
@@ -277,7 +279,7 @@ def _judge(part: pl.DataFrame, config: FilterConfig) -> tuple[pl.DataFrame, pl.D
         detail=pl.format("detected '{}' with probability {} (>= {}); allowed: {}", pl.col("language"),
                          pl.col("language_score").round(3), pl.lit(rule.threshold),
                          pl.lit(", ".join(rule.allow))))
-    return pl.concat([verdict, lang_reject]), lid.filter(~wrong).select("_row", "language", "language_score")
+    return pl.concat([verdict, lang_reject]), lid.select("_row", "language", "language_score")
 
 
 def language_text(max_chars: int) -> pl.Expr:

@@ -157,9 +157,25 @@ def _check(model, input_names: list[str], path: Path) -> None:
 
 
 def _quantize(fp32: Path, path: Path) -> None:
+    """Dynamic int8 with per-channel weight scales: per-tensor scales kept a Spearman of only ~0.95 to fp32 on
+    MiniLM, per-channel ~0.99 at the same speed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(fp32, path, weight_type=QuantType.QInt8,
-                         use_external_data_format=fp32.stat().st_size > (1 << 30))
+    quiet = _DropMessage("pre-processing before quantization")  # advice to run shape pre-processing: not needed here
+    logging.getLogger().addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True,
+                             use_external_data_format=fp32.stat().st_size > (1 << 30))
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from curation.embeddings import SentenceEmbedder, length_batches, precision
+from curation.embeddings import SentenceEmbedder, length_batches
 from curation.hashing import file_sha256, hash_column
 from curation.score_cache import CACHE_ENV, ScoreCache, model_hash
 
@@ -65,15 +65,17 @@ class ScoreConfig(BaseModel):
                           f"({REWARD_SETTINGS_FILE}), else chat_template when the tokenizer has one, else text_pair")
     max_length: int | None = Field(None, ge=8, le=32768, description="tokens per input; longer inputs keep the prompt's tail and "
                                                                      f"the answer's head; default: {REWARD_SETTINGS_FILE}, else 512")
-    batch_size: int = Field(32, ge=1, le=4096, description="inputs per forward pass (inputs are batched by length)")
+    batch_size: int = Field(16, ge=1, le=4096, description="inputs per forward pass, batched by length; on CPU small "
+                                                         "batches are fastest (cache-resident), on a GPU raise it")
     label_index: int | None = Field(None, ge=0, description="logit used as the reward when the model has several labels "
                                                             "(default: 1 for 2 labels, 0 for 1 label)")
     device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
     threads: int | None = Field(None, ge=1, description="CPU threads while scoring (torch, or ONNX Runtime's intra-op "
                                                            "threads); default: the backend's own")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute precision; bfloat16 autocast is ~2.5x faster on CPU for MiniLM with "
-                               "embeddings at cosine >= 0.9999 to float32")
+        "float32", description="compute precision; bfloat16: a reward model's weights are cast to bfloat16 (MiniLM "
+                               "on CPU: ~3x faster, Spearman >= 0.9999 to float32), embeddings run under bfloat16 "
+                               "autocast (~2.5x faster, cosine >= 0.9999)")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="reward_model only: run the model in torch, or exported once to ONNX Runtime on CPU "
                              "(needs onnxruntime and onnx: pip install 'curation[onnx]')")
@@ -184,7 +186,7 @@ def _make_scorer(folder: Path, config: ScoreConfig, files: dict[str, str] | None
 
 def _run(scorer, conversations: list[list[dict]], config: ScoreConfig,
          progress: Callable[[int], None] | None) -> np.ndarray:
-    with _torch_threads(config.threads), precision(config.dtype, config.device):
+    with _torch_threads(config.threads):  # precision: each scorer applies config.dtype itself
         return scorer.score(conversations, progress or (lambda n: None))
 
 
@@ -373,7 +375,10 @@ class _RewardModel:
         # Everything besides the model files that changes the numbers (label_index as set: its default follows
         # from the hashed files).
         self.settings = {"kind": "reward_model", "input": input, "max_length": max_length,
-                         "label_index": config.label_index, "dtype": config.dtype, "backend": config.backend,
+                         "label_index": config.label_index,
+                         # bf16 weights, not autocast: other numbers than the autocast of earlier versions
+                         "dtype": "bfloat16-weights" if config.dtype == "bfloat16" else config.dtype,
+                         "backend": config.backend,
                          "quantize": config.quantize, "device": _device_type(config.device)}
         self._logits = None  # batch features -> logits; loaded on first use
 
@@ -388,6 +393,11 @@ class _RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(self.folder), use_safetensors=True, trust_remote_code=False)
         model = model.to(self.config.device).eval()
+        if self.config.dtype == "bfloat16":
+            import torch
+
+            # Weights cast once: autocast re-casts every weight on every forward pass (~1.3x slower on CPU).
+            model = model.to(torch.bfloat16)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

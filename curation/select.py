@@ -23,6 +23,7 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from curation.hashing import hash_column
 from curation.stage import empty_rejections, rejections
 from schemas import PREFERENCE_SCHEMA, PROMPT_SCHEMA, SFT_SCHEMA
 
@@ -47,6 +48,14 @@ class PreferenceSelect(BaseModel):
         "best_vs_rest", description="which ranked pairs to emit within a rank group")
     min_rank_gap: float = Field(
         0.5, ge=0, description="skip native pairs whose ranks differ by less (AlpacaEval near-ties)")
+    anchored: bool = Field(
+        False, description="pairs between answers each judged against the same anchor answer (AlpacaEval: every "
+                           "model vs one reference): X over Y when X did better against the anchor")
+    min_anchor_gap: float = Field(
+        1.0, gt=0, description="anchored pairs: X's margin over the anchor must exceed Y's by this (margins run "
+                               "from -1, lost clearly, to 1, won clearly: 1.0 pairs clear wins with clear losses)")
+    max_anchored_per_prompt: int = Field(
+        8, ge=1, description="anchored pairs kept per prompt: a fixed sample (by a hash of both ids) of those that qualify")
     from_scores: bool = Field(True, description="pairs from the scorer within a prompt")
     score_pairs: Literal["best_vs_worst", "all_above_margin"] = Field("best_vs_worst")
     min_margin: float = Field(0.1, ge=0, description="minimum score difference for a score pair")
@@ -170,6 +179,44 @@ def native_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
     return _pair_rows(chosen, rejected, "native")
 
 
+def anchored_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
+    """Pairs among answers that were each judged once against a shared anchor answer.
+
+    A judge that compares every answer with one reference (AlpacaEval) ranks them only
+    against that reference; a best-of-n scorer must rank them against each other. An
+    anchor is an answer (by content hash) that sits in two or more two-answer rank groups
+    of one prompt; each other member's margin is the anchor's rank minus its own (1: won
+    clearly, -1: lost clearly), and X is preferred to Y when its margin is higher by at
+    least ``min_anchor_gap``. Labelled 'anchored': derived from native rankings by
+    transitivity through the anchor, not judged head to head.
+    """
+    ranked = pool.filter(pl.col("rank_group").is_not_null() & pl.col("rank").is_not_null()
+                         & (pl.col("kind") == "conversation"))
+    ranked = ranked.filter(pl.len().over("rank_group") == 2)
+    if ranked.is_empty():
+        return _schema_frame(PREFERENCE_SCHEMA)
+    groups_with = pl.col("rank_group").n_unique().over(["prompt_id", "content_hash"])
+    anchors = ranked.filter(groups_with >= 2).select(
+        "rank_group", pl.col("content_hash").alias("anchor"), pl.col("rank").alias("anchor_rank"))
+    judged = (ranked.join(anchors, on="rank_group")
+              .filter(pl.col("content_hash") != pl.col("anchor"))
+              .with_columns((pl.col("anchor_rank") - pl.col("rank")).alias("margin")))
+    left = judged.select(pl.all().name.prefix("c_"))
+    right = judged.select(pl.all().name.prefix("r_"))
+    pairs = left.join(right, left_on=["c_prompt_id", "c_anchor"], right_on=["r_prompt_id", "r_anchor"], how="inner")
+    pairs = pairs.filter((pl.col("c_margin") - pl.col("r_margin") >= config.min_anchor_gap)
+                         & (pl.col("c_content_hash") != pl.col("r_content_hash")))
+    # A spread sample, not the widest gaps: those repeat one clear winner against every clear loser.
+    order = pl.concat_str("c_id", pl.lit(":"), "r_id").map_batches(hash_column, return_dtype=pl.String)
+    pairs = (pairs.with_columns(order.alias("_order")).sort(["c_prompt_id", "_order"])
+             .filter(pl.int_range(pl.len()).over("c_prompt_id") < config.max_anchored_per_prompt))
+    chosen = pairs.select([pl.col(f"c_{c}").alias(c) for c in ranked.columns if c != "prompt_id"]
+                          + [pl.col("c_prompt_id").alias("prompt_id")])
+    rejected = pairs.select([pl.col(f"r_{c}").alias(c) for c in ranked.columns if c != "prompt_id"]
+                            + [pl.col("c_prompt_id").alias("prompt_id")])
+    return _pair_rows(chosen, rejected, "anchored")
+
+
 def score_pairs(candidates: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
     """Pairs from scorer margins within each prompt.
 
@@ -242,6 +289,8 @@ def select(candidates: pl.DataFrame, pair_pool: pl.DataFrame, config: SelectConf
     if config.preference.enabled:
         if config.preference.native:
             pair_frames.append(native_pairs(pair_pool.filter(allowed(preference_sources)), config.preference))
+        if config.preference.anchored:
+            pair_frames.append(anchored_pairs(pair_pool.filter(allowed(preference_sources)), config.preference))
         if config.preference.from_scores:
             pair_frames.append(score_pairs(conversations.filter(allowed(preference_sources)), config.preference))
     preference = pl.concat(pair_frames).unique(
@@ -253,6 +302,7 @@ def select(candidates: pl.DataFrame, pair_pool: pl.DataFrame, config: SelectConf
         "preference_pairs": preference.height,
         "preference_native": preference.filter(pl.col("pair_source") == "native").height,
         "preference_score": preference.filter(pl.col("pair_source") == "score").height,
+        "preference_anchored": preference.filter(pl.col("pair_source") == "anchored").height,
         "prompt_rows": prompts.height,
     }
     return Selection(sft=sft, preference=preference, prompts=prompts, rejected=pl.concat(rejected), stats=stats)

@@ -27,6 +27,9 @@ REJECTION_COLUMNS = {
 class StageResult:
     kept: pl.DataFrame
     rejected: pl.DataFrame  # REJECTION_COLUMNS
+    # id plus the stage columns the stage computed for rows it then rejected (e.g. the language of a
+    # row rejected for its language), so the lineage keeps them; None when there are none
+    values: pl.DataFrame | None = None
 
     @property
     def reasons(self) -> dict[str, int]:

@@ -22,11 +22,14 @@ from tqdm.auto import tqdm
 
 import curation
 from curation import accounting, outputs
+from curation.card import write_card
 from curation.dedup import deduplicate
 from curation.filters import filter_records
 from curation.ingest import IngestResult, ingest
+from curation.lineage import build_lineage
 from curation.normalize import normalize
 from curation.recipe import Recipe, load_recipe
+from curation.report import write_report
 from curation.score import score_records
 from curation.score_cache import resolve_cache_dir
 from curation.select import Selection, select
@@ -136,13 +139,14 @@ def select_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recip
 
 @task(name="write", cache_policy=NO_CACHE)
 def write_task(out_dir: Path, recipe: Recipe, ingested: IngestResult, selection: Selection,
-               settlement: accounting.Settlement, manifest: dict, quiet: bool) -> dict:
+               settlement: accounting.Settlement, lineage: pl.DataFrame, manifest: dict, quiet: bool) -> dict:
     datasets = {
         "sft": selection.sft,
         "preference": selection.preference,
         "prompts": selection.prompts,
         "rejected": settlement.rejected,
         "quarantine": ingested.quarantine,
+        "lineage": lineage,
     }
     with _bar("write", sum(f.height for f in datasets.values()), quiet) as bar:
         files = {}
@@ -154,6 +158,13 @@ def write_task(out_dir: Path, recipe: Recipe, ingested: IngestResult, selection:
     manifest["times"]["finished"] = datetime.now(timezone.utc).isoformat()
     outputs.write_json_atomic(manifest, out_dir / "manifest.json")
     return manifest
+
+
+@task(name="document", cache_policy=NO_CACHE)
+def document_task(out_dir: Path, manifest: dict) -> list[Path]:
+    """The dataset card and the visual report: derived from the finished build, so written after the
+    manifest and not listed in it (``curate report OUT_DIR`` rewrites them)."""
+    return [write_card(out_dir, manifest), write_report(out_dir, manifest)]
 
 
 def new_run_id() -> str:
@@ -219,10 +230,15 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
                              "scored": int(candidates["score"].is_not_null().sum()), **score_stats}
 
     selection = timed("select", select_task, candidates, pair_pool, parsed, quiet)
+    stage_rejections = [normalized.rejected, filtered.rejected, deduped.rejected, semantic.rejected, selection.rejected]
     settlement = accounting.settle(
-        rows, [normalized.rejected, filtered.rejected, deduped.rejected, semantic.rejected, selection.rejected],
+        rows, stage_rejections,
         selection, ingested.quarantine.height, scores=pl.concat([pair_pool.select("id", "score"),
                                                                  candidates.select("id", "score")]))
+    # funnel order: a later frame's value wins (see curation.lineage)
+    value_frames = [normalized.kept, filtered.kept, *([filtered.values] if filtered.values is not None else []),
+                    deduped.kept, semantic.kept, pair_pool, candidates]
+    lineage = timed("lineage", build_lineage, rows, value_frames, stage_rejections, selection)
     select_reasons = selection.rejected.group_by("reason").len().sort("reason")
     stage_counts["select"] = {
         "in": candidates.height, "out": selection.sft.height + selection.prompts.height,
@@ -246,10 +262,13 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         "times": {"started": started_at, "stage_seconds": timings},
         "counts": settlement.counts,
     }
-    manifest = timed("write", write_task, out_dir, parsed, ingested, selection, settlement, manifest, quiet)
+    manifest = timed("write", write_task, out_dir, parsed, ingested, selection, settlement, lineage, manifest, quiet)
     manifest["times"]["stage_seconds"] = timings
     manifest["times"]["total_seconds"] = round(time.perf_counter() - started, 3)
     outputs.write_json_atomic(manifest, out_dir / "manifest.json")
+    t0 = time.perf_counter()
+    documents = document_task(out_dir, manifest)
+    logger.info("wrote %s in %.1f s", ", ".join(p.name for p in documents), time.perf_counter() - t0)
     counts = manifest["counts"]
     logger.info("build %s: %d input records -> %d kept, %d rejected, %d quarantined; conservation holds",
                 run_id, counts["input_records"], counts["kept"], counts["rejected"], counts["quarantined"])

@@ -2,8 +2,8 @@
 
 Every stage takes and returns a table with ``RECORD_SCHEMA`` columns (stage outputs
 start null and are filled in by the stage that owns them). Output files use the
-``SFT_SCHEMA``, ``PREFERENCE_SCHEMA``, ``PROMPT_SCHEMA``, ``REJECTED_SCHEMA`` and
-``QUARANTINE_SCHEMA`` layouts. ``python -m schemas`` writes the JSON Schema exports
+``SFT_SCHEMA``, ``PREFERENCE_SCHEMA``, ``PROMPT_SCHEMA``, ``REJECTED_SCHEMA``,
+``QUARANTINE_SCHEMA`` and ``LINEAGE_SCHEMA`` layouts. ``python -m schemas`` writes the JSON Schema exports
 beside this file so people can read the contract without Python.
 """
 
@@ -47,7 +47,7 @@ ORIGIN_FIELDS = [
 # Columns filled by stages.
 STAGE_FIELDS = [
     pa.field("language", pa.string(), metadata={"doc": "ISO 639-1 code of the conversation (filter stage)"}),
-    pa.field("language_score", pa.float64()),
+    pa.field("language_score", pa.float64(), metadata={"doc": "the language identifier's probability for language"}),
     pa.field("n_turns", pa.int32(), metadata={"doc": "number of messages"}),
     pa.field("prompt_chars", pa.int64(), metadata={"doc": "characters before the final assistant turn"}),
     pa.field("answer_chars", pa.int64(), metadata={"doc": "characters of the final assistant turn"}),
@@ -114,7 +114,7 @@ PREFERENCE_SCHEMA = pa.schema([
     pa.field("chosen_generator", pa.string()),
     pa.field("rejected_generator", pa.string()),
     pa.field("pair_source", pa.string(), nullable=False,
-             metadata={"doc": "'native' (human or judge ranking in the source) or 'score' (scorer margin)"}),
+             metadata={"doc": "'native' (human or judge ranking in the source), 'anchored' (two answers each judged against one shared anchor answer) or 'score' (scorer margin)"}),
     pa.field("source", pa.string()),
     pa.field("language", pa.string()),
 ])
@@ -126,6 +126,46 @@ PROMPT_SCHEMA = pa.schema([
     pa.field("language", pa.string()),
 ])
 
+# One row per parsed input record (quarantined records are only in quarantine/): where it came
+# from, every value a stage computed for it (kept even when a later stage dropped the row) and its
+# final disposition. ``curate audit`` reads it.
+_ORIGIN = {f.name: f for f in ORIGIN_FIELDS}
+_NEVER_REACHED = "; null when the row never reached the stage that sets it"
+_LINEAGE_DOCS = {
+    "prompt_id": "hash of the normalised conversation before the final assistant turn; null when normalise "
+                 "rejected the row",
+    "dup_cluster": "id of the row kept for the row's duplicate cluster (dedup or semantic_dedup): for a dropped "
+                   "duplicate the row it duplicated, for a keeper its own id; null without duplicates",
+    "score": "scorer output for the final answer; null when the row was not scored (no scorer, or dropped before "
+             "scoring and not ranked in a native pair group)",
+}
+
+
+def _lineage_field(field: pa.Field) -> pa.Field:
+    doc = _LINEAGE_DOCS.get(field.name) or (field.metadata or {}).get(b"doc", b"").decode() + _NEVER_REACHED
+    return field.with_metadata({"doc": doc})
+
+
+LINEAGE_SCHEMA = pa.schema([
+    *[_ORIGIN[name] for name in ("id", "source", "source_file", "source_record", "source_offset", "source_length",
+                                 "source_sha256", "format", "kind", "generator")],
+    _lineage_field(_ORIGIN["prompt_id"]), _ORIGIN["rank_group"], _ORIGIN["rank"],
+    *[_lineage_field(field) for field in STAGE_FIELDS],
+    pa.field("outputs", pa.list_(pa.string()), nullable=False,
+             metadata={"doc": "outputs the row appears in, of 'sft', 'preference' (either side), 'prompts'; empty "
+                              "when rejected"}),
+    pa.field("stage", pa.string(), metadata={"doc": "stage that dropped the row, as in rejected/; null when kept"}),
+    pa.field("reason", pa.string(), metadata={"doc": "why the row was dropped; null when kept"}),
+    pa.field("detail", pa.string(), metadata={"doc": "evidence for reason; null when kept"}),
+    pa.field("duplicate_of", pa.string(), metadata={"doc": "id of the row a dropped duplicate duplicated"}),
+    _ORIGIN["source_flags"],
+    pa.field("funnel_stage", pa.string(),
+             metadata={"doc": "for a row kept only as a side of a preference pair: the stage that dropped it from "
+                              "the SFT/prompt funnel (the row is kept, so stage is null)"}),
+    pa.field("funnel_reason", pa.string(), metadata={"doc": "reason given by funnel_stage"}),
+    pa.field("funnel_detail", pa.string(), metadata={"doc": "detail given by funnel_stage"}),
+])
+
 OUTPUT_SCHEMAS = {
     "record": RECORD_SCHEMA,
     "sft": SFT_SCHEMA,
@@ -133,6 +173,7 @@ OUTPUT_SCHEMAS = {
     "prompts": PROMPT_SCHEMA,
     "rejected": REJECTED_SCHEMA,
     "quarantine": QUARANTINE_SCHEMA,
+    "lineage": LINEAGE_SCHEMA,
 }
 
 

@@ -1,8 +1,10 @@
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,6 +40,42 @@ def demo_build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     assert main(["build", str(PROJECT_ROOT / "recipes" / "demo.yaml"), "--out", str(out), "--quiet"]) == 0
     return out
+
+
+SHARED_CAP = 12  # records read per shared file by `capped_build`
+
+
+def shared_capped_recipe(out_dir: Path) -> Path:
+    """recipes/shared.yaml with one source per shared file, each capped at SHARED_CAP records."""
+    shipped = yaml.safe_load((PROJECT_ROOT / "recipes" / "shared.yaml").read_text())
+    shipped_dir = (PROJECT_ROOT / "recipes").resolve()
+    sources = []
+    for source in shipped["sources"]:
+        root = (shipped_dir / source["path"]).resolve()
+        files = sorted(root.glob(source.get("include", "*"))) if root.is_dir() else [root]
+        for path in files:
+            per_file = {k: v for k, v in source.items() if k not in ("name", "path", "include")}
+            sources.append({**per_file, "name": f"{source['name']}/{path.name}", "path": str(path),
+                            "max_records": SHARED_CAP})
+    recipe = {**shipped, "name": "shared-capped", "sources": sources}
+    if recipe["score"]["model"].startswith("."):  # a model folder beside the shipped recipe
+        recipe["score"] = {**recipe["score"], "model": str((shipped_dir / recipe["score"]["model"]).resolve())}
+    path = out_dir / "shared_capped.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def capped_build(shared_data, tmp_path_factory) -> tuple[Path, dict]:
+    """Every shared file through the whole flow, SHARED_CAP records each: (output folder, manifest).
+    Built once per session; read-only for tests (copy before changing)."""
+    from curation.cli import main
+
+    tmp = tmp_path_factory.mktemp("shared")
+    recipe = shared_capped_recipe(tmp)
+    out = tmp / "out"
+    assert main(["build", str(recipe), "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -123,3 +123,39 @@ def test_prompts_pass_through_and_source_restrictions(alpaca_eval_rows):
     assert result.sft.height == 0
     assert result.rejected.filter(pl.col("reason") == "source_not_for_sft").height == 20
     assert result.preference.height == 5  # preference is still allowed for every source
+
+
+def test_anchored_pairs_from_real_alpaca_eval_judgements(shared_data):
+    """Three models' answers, each judged against the same reference: pairs among the answers, by margin."""
+    from curation.ingest import ingest
+    from curation.normalize import NormalizeConfig, normalize
+    from curation.recipe import SourceConfig
+
+    folder = shared_data / "alpaca_eval" / "annotations"
+    models = ["claude-2.1", "alpaca-7b_concise", "FuseChat-Gemma-2-9B-Instruct"]
+    sources = [SourceConfig(name=f"judged/{m}", path=str(folder / f"{m}.json.gz"), max_records=6) for m in models]
+    pool = normalize(ingest(sources, folder).records, NormalizeConfig()).kept
+    config = PreferenceSelect(native=False, from_scores=False, anchored=True, min_anchor_gap=1.0,
+                              max_anchored_per_prompt=100)
+    result = select(pool, pool, SelectConfig(sft=SftSelect(enabled=False), preference=config))
+    pairs = result.preference
+
+    # Expected from the raw judgements: margin = 2 * preference - 3 (1: the model won clearly, -1: lost clearly).
+    margins = {}
+    for model in models:
+        with gzip.open(folder / f"{model}.json.gz", "rt") as handle:
+            for item in json.load(handle)[:6]:
+                if item["preference"] is not None:
+                    margins[(item["instruction"], model)] = 2 * item["preference"] - 3
+    expected = {(q, a, b) for (q, a), ma in margins.items() for (q2, b), mb in margins.items()
+                if q == q2 and ma - mb >= 1.0}
+    got = {(p[0]["content"], c, r) for p, c, r in pairs.select("prompt", "chosen_generator", "rejected_generator").rows()}
+    assert got == expected and len(expected) > 0
+    assert set(pairs["pair_source"]) == {"anchored"}
+    assert "gpt4_1106_preview" not in set(pairs["chosen_generator"]) | set(pairs["rejected_generator"])
+    assert result.stats["preference_anchored"] == pairs.height
+
+    capped = select(pool, pool, SelectConfig(sft=SftSelect(enabled=False), preference=config.model_copy(
+        update={"max_anchored_per_prompt": 1}))).preference
+    assert capped["prompt_id"].value_counts()["count"].max() == 1
+    assert set(capped.select("chosen_id", "rejected_id").rows()) <= set(pairs.select("chosen_id", "rejected_id").rows())

@@ -4,45 +4,11 @@ The full build (`curate build recipes/shared.yaml`) takes minutes; this keeps th
 sources and options but caps every file, so CI checks each real format end to end.
 """
 
-import json
 from pathlib import Path
 
 import polars as pl
-import pytest
-import yaml
 
-from curation.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-PER_FILE = 12
-
-
-def _recipe(shared_data: Path, tmp_path: Path) -> Path:
-    shipped = yaml.safe_load((ROOT / "recipes" / "shared.yaml").read_text())
-    shipped_dir = (ROOT / "recipes").resolve()
-    sources = []
-    for source in shipped["sources"]:
-        root = (shipped_dir / source["path"]).resolve()
-        files = sorted(root.glob(source.get("include", "*"))) if root.is_dir() else [root]
-        for path in files:
-            per_file = {k: v for k, v in source.items() if k not in ("name", "path", "include")}
-            sources.append({**per_file, "name": f"{source['name']}/{path.name}", "path": str(path),
-                            "max_records": PER_FILE})
-    recipe = {**shipped, "name": "shared-capped", "sources": sources}
-    if recipe["score"]["model"].startswith("."):  # a model folder beside the shipped recipe
-        recipe["score"] = {**recipe["score"], "model": str((shipped_dir / recipe["score"]["model"]).resolve())}
-    path = tmp_path / "shared_capped.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def capped_build(shared_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shared")
-    recipe = _recipe(shared_data, tmp)
-    out = tmp / "out"
-    assert main(["build", str(recipe), "--out", str(out), "--quiet"]) == 0
-    return out, json.loads((out / "manifest.json").read_text())
+# `capped_build` (tests/conftest.py, session-scoped): the shared recipe with every file capped.
 
 
 def test_every_shared_file_is_read_and_accounted_for(capped_build, shared_data):

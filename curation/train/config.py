@@ -40,12 +40,13 @@ class TrainConfig(BaseModel):
     qlora: bool = Field(False, description="load the base in 4-bit NF4 (bitsandbytes) and train LoRA on top; CUDA only")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (initial) model")
     pairs: Literal["all", "native", "score"] = Field(
-        "all", description="dpo/reward: which preference pairs to use: native (human or judge rankings), "
-                           "score (scorer margin) or all")
+        "all", description="dpo/reward: which preference pairs to use: native (human or judge rankings, "
+                           "directly or through a shared anchor answer), score (scorer margin) or all")
     source_weights: dict[str, float] = Field(
         default_factory=dict, description="dpo/reward: times each training pair of a source is used per epoch "
-                                          "(e.g. {hh_harmless: 3, alpaca_eval_judgements: 0.5}); held-out pairs "
-                                          "are never reweighted")
+                                          "(e.g. {hh_harmless: 3, alpaca_eval_judgements: 0.5}); a key "
+                                          "'source:pair_source' weighs one kind of pair of a source; held-out "
+                                          "pairs are never reweighted")
     reward_length_hint: bool = Field(
         False, description="reward: open each answer with its word count ('[212 words] ...') so a short window still "
                            "sees how long the whole answer is; recorded for the scoring stage")

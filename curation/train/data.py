@@ -100,15 +100,18 @@ def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed
                          source_weights: dict[str, float] | None = None) -> TrainData:
     """Rows of ``build_dir/preference`` in TRL's explicit-prompt layout: prompt, chosen and rejected message lists.
 
-    ``pair_sources`` keeps only 'native' (human or judge rankings) or 'score' (scorer margin) pairs;
-    ``source_weights`` repeats (> 1) or subsamples (< 1) the training pairs of a source, by seed.
+    ``pair_sources`` keeps only pairs of those ``pair_source`` values ('native', 'anchored', 'score');
+    ``source_weights`` repeats (> 1) or subsamples (< 1) the training pairs of a source, by seed; a key
+    'source:pair_source' (e.g. 'alpaca_eval_judgements:anchored') weighs only that kind of pair of the source.
     """
     frame, manifest, files = read_output(build_dir, "preference", ["chosen_id", "rejected_id", "prompt", "chosen",
                                                                     "rejected", "pair_source", "prompt_id", "source"])
-    unknown = sorted(set(source_weights or {}) - set(frame["source"].unique().to_list()))
+    known = set(frame["source"].unique().to_list())
+    known |= {f"{s}:{k}" for s, k in frame.select("source", "pair_source").unique().iter_rows()}
+    unknown = sorted(set(source_weights or {}) - known)
     if unknown:
-        raise ValueError(f"source_weights names {', '.join(unknown)}, not a source of {build_dir}/preference; "
-                         f"use the recipe's source names")
+        raise ValueError(f"source_weights names {', '.join(unknown)}, not a source (or source:pair_source) of "
+                         f"{build_dir}/preference; use the recipe's source names")
     frame = frame.sort("chosen_id", "rejected_id")
     if pair_sources is not None:
         frame = frame.filter(pl.col("pair_source").is_in(pair_sources))
@@ -117,7 +120,7 @@ def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed
                           pl.col("prompt").list.len() > 0)
     if usable.is_empty():
         raise ValueError(f"{build_dir}/preference has no pair with a prompt and two answers; nothing to train on")
-    rows = usable.select("prompt", "chosen", "rejected", "source").to_dicts()
+    rows = usable.select("prompt", "chosen", "rejected", "source", "pair_source").to_dicts()
     keys = usable.select(pl.coalesce("prompt_id", "chosen_id")).to_series().to_list()
     data = _split(rows, keys, manifest, files, frame.height - usable.height, eval_fraction, seed, max_eval, max_train)
     if source_weights:
@@ -128,7 +131,7 @@ def load_preference_data(build_dir: str | Path, eval_fraction: float = 0.1, seed
 def reweight(rows: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
     """Each row ``floor(w)`` times plus once more with probability ``w - floor(w)``; order shuffled by seed."""
     rng = np.random.default_rng(seed)
-    w = np.array([weights.get(r["source"], 1.0) for r in rows])
+    w = np.array([weights.get(f"{r['source']}:{r.get('pair_source')}", weights.get(r["source"], 1.0)) for r in rows])
     copies = np.floor(w).astype(int) + (rng.random(len(rows)) < w - np.floor(w))
     picked = np.repeat(np.arange(len(rows)), copies)
     return [rows[i] for i in rng.permutation(picked)]

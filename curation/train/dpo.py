@@ -12,7 +12,7 @@ from curation.train.data import TrainData, load_preference_data
 from curation.train.models import load_base
 from curation.train.sft import lora_config
 
-_PAIRS = {"all": None, "native": ["native"], "score": ["score"]}
+_PAIRS = {"all": None, "native": ["native", "anchored"], "score": ["score"]}  # anchored: native, via an anchor
 
 
 def _pairs_only(rows: list[dict]) -> list[dict]:
