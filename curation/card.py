@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from curation.outputs import write_bytes_atomic
+from curation.outputs import output_paths, write_bytes_atomic
 
 CARD_NAME = "README.md"
 # Outputs published as `datasets` configs (rejected/ and quarantine/ are audit material, not training data).
@@ -32,11 +32,6 @@ def read_manifest(out_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass the output folder of a finished `curate build`")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def output_paths(out_dir: Path, manifest: dict, name: str) -> list[Path]:
-    """The Parquet shards of one output as the manifest lists them."""
-    return [Path(out_dir) / entry["path"] for entry in manifest.get("outputs", {}).get(name, [])]
 
 
 def output_rows(manifest: dict, name: str) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
+from curation.outputs import output_paths
 from curation.verify import load_manifest
 
 # Funnel order; "kept" is past every stage. A difference in stage X can only change rows that reached X.
@@ -112,7 +113,7 @@ def _build_info(build: Build) -> dict:
 # ---------------------------------------------------------------- reading a build
 
 def _parts(build_dir: Path, manifest: dict, name: str) -> list[Path]:
-    paths = [build_dir / entry["path"] for entry in manifest["outputs"].get(name, [])]
+    paths = output_paths(build_dir, manifest, name)
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DiffError(f"{missing[0]} is listed in the manifest but missing; run `curate verify {build_dir}` "

@@ -28,6 +28,11 @@ class OutputConfig(BaseModel):
     compression: str = Field("zstd", description="Parquet compression codec")
 
 
+def output_paths(out_dir: str | Path, manifest: dict, name: str) -> list[Path]:
+    """The Parquet shards of one output as the manifest lists them (in the order written)."""
+    return [Path(out_dir) / entry["path"] for entry in manifest.get("outputs", {}).get(name, [])]
+
+
 def _temp_path(path: Path) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

@@ -26,8 +26,8 @@ import plotly.graph_objects as go
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from curation.card import model_digest, output_paths, read_manifest, source_summary
-from curation.outputs import write_bytes_atomic
+from curation.card import model_digest, read_manifest, source_summary
+from curation.outputs import output_paths, write_bytes_atomic
 
 REPORT_NAME = "report.html"
 KEPT_COLOR = "#2a9d8f"

@@ -156,8 +156,7 @@ def _pair_rows(chosen: pl.DataFrame, rejected: pl.DataFrame, pair_source: str) -
 
 def native_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
     """Pairs from the sources' own rankings, among rows that passed normalise and filter."""
-    ranked = pool.filter(pl.col("rank_group").is_not_null() & pl.col("rank").is_not_null()
-                         & (pl.col("kind") == "conversation"))
+    ranked = _ranked(pool)
     if ranked.is_empty():
         return _schema_frame(PREFERENCE_SCHEMA)
     ranked = ranked.sort(["rank_group", "rank", "id"]).with_columns(
@@ -173,10 +172,19 @@ def native_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
         pairs = pairs.filter(pl.col("c_rank") == pl.col("c_rank").min().over("c_rank_group"))
     elif config.native_pairs == "adjacent":
         pairs = pairs.filter(pl.col("r__pos") == pl.col("c__pos") + 1)
-    pairs = pairs.sort(["c_rank_group", "c__pos", "r__pos"])
-    chosen = pairs.select(pl.col("^c_.*$").name.map(lambda n: n[2:]))
-    rejected = pairs.select(pl.col("^r_.*$").name.map(lambda n: n[2:]))
-    return _pair_rows(chosen, rejected, "native")
+    return _pair_rows(*_sides(pairs.sort(["c_rank_group", "c__pos", "r__pos"])), "native")
+
+
+def _ranked(pool: pl.DataFrame) -> pl.DataFrame:
+    """Conversations a human or judge ranked within a rank group."""
+    return pool.filter(pl.col("rank_group").is_not_null() & pl.col("rank").is_not_null()
+                       & (pl.col("kind") == "conversation"))
+
+
+def _sides(pairs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(chosen, rejected) rows of a self-join whose columns carry 'c_' and 'r_' prefixes."""
+    return (pairs.select(pl.col("^c_.*$").name.map(lambda n: n[2:])),
+            pairs.select(pl.col("^r_.*$").name.map(lambda n: n[2:])))
 
 
 def anchored_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
@@ -190,9 +198,7 @@ def anchored_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame
     least ``min_anchor_gap``. Labelled 'anchored': derived from native rankings by
     transitivity through the anchor, not judged head to head.
     """
-    ranked = pool.filter(pl.col("rank_group").is_not_null() & pl.col("rank").is_not_null()
-                         & (pl.col("kind") == "conversation"))
-    ranked = ranked.filter(pl.len().over("rank_group") == 2)
+    ranked = _ranked(pool).filter(pl.len().over("rank_group") == 2)
     if ranked.is_empty():
         return _schema_frame(PREFERENCE_SCHEMA)
     groups_with = pl.col("rank_group").n_unique().over(["prompt_id", "content_hash"])
@@ -203,18 +209,15 @@ def anchored_pairs(pool: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame
               .with_columns((pl.col("anchor_rank") - pl.col("rank")).alias("margin")))
     left = judged.select(pl.all().name.prefix("c_"))
     right = judged.select(pl.all().name.prefix("r_"))
-    pairs = left.join(right, left_on=["c_prompt_id", "c_anchor"], right_on=["r_prompt_id", "r_anchor"], how="inner")
+    pairs = left.join(right, left_on=["c_prompt_id", "c_anchor"], right_on=["r_prompt_id", "r_anchor"],
+                      how="inner", coalesce=False)
     pairs = pairs.filter((pl.col("c_margin") - pl.col("r_margin") >= config.min_anchor_gap)
                          & (pl.col("c_content_hash") != pl.col("r_content_hash")))
     # A spread sample, not the widest gaps: those repeat one clear winner against every clear loser.
     order = pl.concat_str("c_id", pl.lit(":"), "r_id").map_batches(hash_column, return_dtype=pl.String)
     pairs = (pairs.with_columns(order.alias("_order")).sort(["c_prompt_id", "_order"])
              .filter(pl.int_range(pl.len()).over("c_prompt_id") < config.max_anchored_per_prompt))
-    chosen = pairs.select([pl.col(f"c_{c}").alias(c) for c in ranked.columns if c != "prompt_id"]
-                          + [pl.col("c_prompt_id").alias("prompt_id")])
-    rejected = pairs.select([pl.col(f"r_{c}").alias(c) for c in ranked.columns if c != "prompt_id"]
-                            + [pl.col("c_prompt_id").alias("prompt_id")])
-    return _pair_rows(chosen, rejected, "anchored")
+    return _pair_rows(*_sides(pairs), "anchored")
 
 
 def score_pairs(candidates: pl.DataFrame, config: PreferenceSelect) -> pl.DataFrame:
