@@ -26,9 +26,14 @@ def _build(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if args.quiet else "INFO")
     from flows.build import build_dataset
 
-    manifest = build_dataset(recipe=str(args.recipe), out=str(args.out), quiet=args.quiet)
+    manifest = build_dataset(recipe=str(args.recipe), out=None if args.out is None else str(args.out),
+                             out_root=None if args.out_root is None else str(args.out_root), if_busy=args.if_busy,
+                             cache_dir=None if args.cache is None else str(args.cache), quiet=args.quiet)
+    if manifest["status"] in ("no-op", "skipped"):
+        print(json.dumps({key: manifest.get(key) for key in ("status", "run_id", "out_dir", "reason")}))
+        return 0
     counts = manifest["counts"]
-    print(json.dumps({"out": str(Path(args.out).resolve()), "run_id": manifest["run_id"], **counts,
+    print(json.dumps({"status": manifest["status"], "out": manifest["out_dir"], "run_id": manifest["run_id"], **counts,
                       "sft": manifest["stages"]["select"]["sft_rows"],
                       "preference": manifest["stages"]["select"]["preference_pairs"],
                       "seconds": manifest["times"]["total_seconds"]}))
@@ -160,7 +165,17 @@ def parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="run a recipe and write the curated datasets")
     build.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/demo.yaml")
-    build.add_argument("--out", type=Path, required=True, help="output folder")
+    where = build.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="output folder, written in place")
+    where.add_argument("--out-root", type=Path,
+                       help="versioned builds: writes OUT_ROOT/<run_id>/ and moves OUT_ROOT/latest there when "
+                            "conservation holds; a build with nothing changed since latest is a no-op")
+    build.add_argument("--if-busy", choices=["skip", "wait"], default="skip",
+                       help="with --out-root, when another build of that root is running: skip this one (default) "
+                            "or wait for it")
+    build.add_argument("--cache", type=Path,
+                       help="per-record cache folder (scores, languages, MinHash signatures, embeddings); default: "
+                            "$CURATION_CACHE, else OUT_ROOT/.cache with --out-root, else none")
     build.add_argument("--quiet", action="store_true", help="no progress bars or stage logs")
     build.set_defaults(func=_build)
 

@@ -84,7 +84,8 @@ class ScoreConfig(BaseModel):
     cache_dir: str | None = Field(
         None, description="folder of cached scores, keyed by (model hash, content hash) so no content is scored "
                           "twice across builds; '~' and $VARS expand, relative paths resolve against the recipe; "
-                          f"unset: ${CACHE_ENV}/scores in `curate build` when {CACHE_ENV} is set, else no cache")
+                          f"unset: <cache root>/scores in `curate build`, the cache root being --cache, else ${CACHE_ENV}, "
+                          "else OUT_ROOT/.cache with --out-root; else no cache")
 
     @model_validator(mode="after")
     def _backend_options(self) -> "ScoreConfig":

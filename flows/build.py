@@ -7,6 +7,7 @@ off: caching would hash whole tables.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -21,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 import curation
-from curation import accounting, outputs
+from curation import accounting, outputs, runs
 from curation.card import write_card
 from curation.dedup import deduplicate
 from curation.filters import filter_records
@@ -108,13 +109,16 @@ def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> t
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, base_dir: Path, quiet: bool):
+def score_task(candidates: pl.DataFrame, pair_pool: pl.DataFrame, recipe: Recipe, base_dir: Path,
+               cache_root: Path | None, quiet: bool):
     """Score the funnel's survivors and the ranked rows native pairs are built from (cached scores are reused)."""
     ranked = pair_pool.filter(pl.col("rank_group").is_not_null())
     to_score = pl.concat([candidates, ranked.join(candidates.select("id"), on="id", how="anti")])
     if recipe.score is None:
         return candidates, pair_pool, None, {}
     cache_dir = resolve_cache_dir(recipe.score.cache_dir, base_dir)
+    if recipe.score.cache_dir is None and cache_root is not None:
+        cache_dir = cache_root / "scores"
     config = recipe.score.model_copy(update={"cache_dir": None if cache_dir is None else str(cache_dir)})
     with _bar("score", None, quiet) as bar:
         scored, info = score_records(to_score, config, progress=bar.update, on_total=lambda n: bar.reset(total=n))
@@ -171,16 +175,78 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
+def _prefect_ids() -> dict:
+    """The flow run (and deployment) this build runs as, so `curate runs` can join Prefect's view with ours."""
+    from prefect.runtime import deployment, flow_run
+
+    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "deployment_id": deployment.id}
+
+
 @flow(name="build-dataset", log_prints=True)
-def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
-    """Build the datasets a recipe describes into ``out``; returns the manifest."""
+def build_dataset(recipe: str, out: str | None = None, out_root: str | None = None, if_busy: str = "skip",
+                  cache_dir: str | None = None, quiet: bool = False) -> dict:
+    """Build the datasets a recipe describes; returns the manifest (or a no-op / skipped status).
+
+    ``out``: write into that folder. ``out_root``: a versioned build into OUT_ROOT/<run_id>/, with
+    OUT_ROOT/latest moved there once conservation holds; one build per root at a time (``if_busy``:
+    skip or wait), and nothing is built when recipe, inputs, models and code equal the latest build's.
+    """
+    logger = get_run_logger()
+    if (out is None) == (out_root is None):
+        raise ValueError("give exactly one of out (a folder) or out_root (versioned builds under one root)")
+    if if_busy not in ("skip", "wait"):
+        raise ValueError(f"if_busy must be 'skip' or 'wait', not {if_busy!r}")
+    recipe_path = Path(recipe)
+    parsed, base_dir = load_recipe(recipe_path)
+    cache_root = runs.resolve_cache_root(cache_dir, out_root)
+    fingerprint = runs.build_fingerprint(parsed, base_dir)
+    run_id = new_run_id()
+    context = {"prefect": _prefect_ids(), "fingerprint": {"digest": fingerprint.digest, **fingerprint.parts},
+               "out_root": None if out_root is None else str(Path(out_root).resolve())}
+    if out is not None:
+        return _build(parsed, base_dir, recipe_path, Path(out), run_id, cache_root, context, quiet)
+
+    root = Path(out_root).resolve()
+    holder = {"run_id": run_id, "pid": os.getpid(), "started": runs.now(), "recipe_path": str(recipe_path.resolve()),
+              "flow_run_id": context["prefect"]["flow_run_id"]}
+    try:
+        with runs.build_lock(root, holder, wait=if_busy == "wait", log=logger.info):
+            previous = runs.latest_run(root)
+            earlier = json.loads((previous / "manifest.json").read_text()) if previous is not None else {}
+            if earlier.get("fingerprint", {}).get("digest") == fingerprint.digest:
+                logger.info("no-op: recipe, %d input files, models and code are unchanged since build %s; "
+                            "nothing to do (latest stays %s)", len(fingerprint.parts["inputs"]),
+                            earlier["run_id"], previous)
+                runs.write_run_status(root, run_id, **holder, status="no-op", finished=runs.now(),
+                                      same_as=earlier["run_id"])
+                return {"status": "no-op", "run_id": earlier["run_id"], "out_dir": str(previous),
+                        "reason": f"unchanged since build {earlier['run_id']}"}
+            if earlier:
+                logger.info("rebuilding, changed since build %s: %s", earlier.get("run_id"),
+                            "; ".join(runs.changed_parts(earlier.get("fingerprint"), fingerprint.parts)))
+            run_dir = runs.new_run_dir(root, run_id)
+            runs.write_run_status(root, run_id, **holder, status="running")
+            try:
+                manifest = _build(parsed, base_dir, recipe_path, run_dir, run_id, cache_root, context, quiet)
+            except BaseException as error:
+                runs.write_run_status(root, run_id, status="failed", finished=runs.now(),
+                                      error=f"{type(error).__name__}: {error}")
+                raise
+            runs.update_latest(root, run_dir)  # only now: the build passed conservation in write_task
+            runs.write_run_status(root, run_id, status="completed", finished=runs.now())
+            logger.info("latest -> %s", run_dir)
+            return manifest
+    except runs.BuildBusy as busy:
+        logger.warning("skipped: %s; this run writes nothing (if_busy='wait' queues instead)", busy)
+        runs.write_run_status(root, run_id, **holder, status="skipped", finished=runs.now(), reason=str(busy))
+        return {"status": "skipped", "run_id": run_id, "reason": str(busy), "holder": busy.holder}
+
+
+def _build(parsed: Recipe, base_dir: Path, recipe_path: Path, out_dir: Path, run_id: str, cache_root: Path | None,
+           context: dict, quiet: bool) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
-    run_id = new_run_id()
-    recipe_path = Path(recipe)
-    parsed, base_dir = load_recipe(recipe_path)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     stage_counts: dict[str, dict] = {}
@@ -209,7 +275,7 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
         # Reward-aware dedup: score every survivor of the filter (each distinct content once),
         # so each duplicate cluster keeps its best-scored member.
         pair_pool, _, scorer, score_stats = timed("score", score_task, filtered.kept, filtered.kept, parsed,
-                                                  base_dir, quiet)
+                                                  base_dir, cache_root, quiet)
         deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet)
     else:
         deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
@@ -224,7 +290,7 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
 
     if not score_first:
         candidates, pair_pool, scorer, score_stats = timed("score", score_task, semantic.kept, filtered.kept, parsed,
-                                                           base_dir, quiet)
+                                                           base_dir, cache_root, quiet)
     stage_counts["score"] = {"in": candidates.height, "out": candidates.height, "dropped": 0,
                              "dropped_by_reason": {}, "before_dedup": score_first,
                              "scored": int(candidates["score"].is_not_null().sum()), **score_stats}
@@ -250,6 +316,9 @@ def build_dataset(recipe: str, out: str, quiet: bool = False) -> dict:
 
     manifest = {
         "run_id": run_id,
+        "status": "completed",
+        "out_dir": str(out_dir.resolve()),
+        **context,
         "recipe_path": str(recipe_path.resolve()),
         "recipe": parsed.model_dump(mode="json"),
         "inputs": [dict(vars(f)) for f in ingested.files],
