@@ -158,6 +158,90 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_out_root(recipe_path: Path) -> Path:
+    """out/<recipe name>, absolute: where `curate deploy` builds and `curate runs` looks by default."""
+    from curation.recipe import load_recipe
+
+    return (Path("out") / load_recipe(recipe_path)[0].name).resolve()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import DeployError, serve_build, validate_cron
+
+    try:
+        if args.cron is not None:
+            validate_cron(args.cron)  # before the recipe is read or the server contacted
+        out_root = args.out_root.resolve() if args.out_root else _default_out_root(args.recipe)
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+        serve_build(args.recipe, cron=args.cron, interval=args.interval, name=args.name, out_root=out_root,
+                    if_busy=args.if_busy, cache_dir=args.cache)
+    except DeployError as error:
+        print(f"curate deploy: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from flows.deploy import api_url, list_builds, server_problem
+
+    roots = [args.out_root.resolve()] if args.out_root else []
+    default_root = _default_out_root(args.recipe) if args.recipe and not roots else None
+    api = api_url()
+    problem = "PREFECT_API_URL is not set" if api is None else server_problem(api)
+    if problem is not None:
+        api = None
+        if not roots and default_root is None:
+            print(f"curate runs: {problem} and no output root given: pass --out-root DIR or a RECIPE "
+                  "(its builds are in out/<recipe name>)", file=sys.stderr)
+            return 2
+        print(f"curate runs: {problem}; listing builds from the manifests under "
+              f"{roots[0] if roots else default_root} only", file=sys.stderr)
+    builds = list_builds(roots, recipe=args.recipe, api=api, limit=args.limit,
+                         extra_roots=[default_root] if default_root else [])
+    print(json.dumps(builds, indent=2) if args.json else _format_builds(builds))
+    return 0
+
+
+def _format_builds(builds: list[dict]) -> str:
+    if not builds:
+        return "no builds found"
+
+    def seconds(value) -> str:
+        if value is None:
+            return "-"
+        minutes, secs = divmod(round(value), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{value:.1f}s"
+
+    def count(build: dict, key: str):
+        value = (build["counts"] or {}).get(key) if key in ("input_records", "kept", "rejected", "quarantined") \
+            else build.get(key)
+        return "-" if value is None else str(value)
+
+    header = ["", "run id", "status", "started (UTC)", "time", "input", "kept", "rejected", "quar.", "sft", "pairs",
+              "flow run", "out dir"]
+    lines = [header]
+    for build in builds:
+        started = (build["started"] or "")[:19].replace("T", " ") or "-"
+        flow_run = build["flow_run_name"] or ("-" if build["flow_run_id"] is None else build["flow_run_id"][:8])
+        if build["deployment"]:
+            flow_run += f" ({build['deployment']})"
+        status = build["status"]
+        if build["state"] and build["state"].lower() not in (status, "completed"):
+            status += f" [{build['state']}]"
+        lines.append(["*" if build["latest"] else "", build["run_id"] or "-", status, started,
+                      seconds(build["seconds"]),
+                      *(count(build, key) for key in ("input_records", "kept", "rejected", "quarantined",
+                                                      "sft_rows", "preference_pairs")),
+                      flow_run, build["out_dir"] or "-"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    right = {4, 5, 6, 7, 8, 9, 10}
+    text = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in lines]
+    notes = [f"{b['run_id'] or b['flow_run_name']}: {b['message']}" for b in builds if b.get("message")]
+    return "\n".join(text + (["", "* = latest"] if any(b["latest"] for b in builds) else []) + notes)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="curate", description="Curate instruction and preference datasets.")
     root.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -260,6 +344,36 @@ def parser() -> argparse.ArgumentParser:
     diff.add_argument("--rows", type=_rows_option, default=5, metavar="N",
                       help="example rows per kind of change (default 5; 'all' lists every row)")
     diff.set_defaults(func=_diff)
+
+    deploy = commands.add_parser(
+        "deploy", help="serve a recipe's build on a schedule (a Prefect deployment; needs `prefect server start`)",
+        description="Register a Prefect deployment that builds RECIPE on a schedule into OUT_ROOT/<run_id>/ (moving "
+                    "OUT_ROOT/latest after each build that passes conservation), then serve it until Ctrl-C. Needs "
+                    "PREFECT_API_URL pointing at a running server. One build at a time: a run due during a build "
+                    "is skipped (or queued with --if-busy wait).")
+    deploy.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/demo.yaml")
+    schedule = deploy.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", help="cron expression in UTC, e.g. '0 3 * * *' (daily at 03:00)")
+    schedule.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS seconds")
+    deploy.add_argument("--name", help="deployment name (default: the recipe's name)")
+    deploy.add_argument("--out-root", type=Path, help="root of the versioned builds (default: out/<recipe name>)")
+    deploy.add_argument("--if-busy", choices=["skip", "wait"], default="skip",
+                        help="when a run falls due while a build of the same root runs: skip it (default) or wait")
+    deploy.add_argument("--cache", type=Path,
+                        help="per-record cache folder (default: $CURATION_CACHE, else OUT_ROOT/.cache)")
+    deploy.set_defaults(func=_deploy)
+
+    runs = commands.add_parser(
+        "runs", help="list past builds: status, counts, output folder (Prefect server and manifests)",
+        description="List past builds, newest first, joining the Prefect server's flow runs (when PREFECT_API_URL "
+                    "answers) with the manifests under the output roots. * marks OUT_ROOT/latest.")
+    runs.add_argument("recipe", type=Path, nargs="?", help="only builds of this recipe file")
+    runs.add_argument("--out-root", type=Path,
+                      help="only builds under this root (default: the roots the server's runs name, and "
+                           "out/<recipe name> when RECIPE is given)")
+    runs.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    runs.add_argument("--limit", type=int, default=20, metavar="N", help="newest N builds (default 20)")
+    runs.set_defaults(func=_runs)
     return root
 
 

@@ -156,7 +156,8 @@ def list_runs(out_root: Path) -> list[dict]:
         if status and status.get("run_id"):
             runs[status["run_id"]] = status
     for manifest_path in out_root.glob("*/manifest.json"):
-        runs.setdefault(manifest_path.parent.name, {"run_id": manifest_path.parent.name})
+        if not manifest_path.parent.is_symlink():  # latest is a link to a run, not a run
+            runs.setdefault(manifest_path.parent.name, {"run_id": manifest_path.parent.name})
     rows = []
     for run_id, status in runs.items():
         folder = out_root / run_id
@@ -179,6 +180,8 @@ def list_runs(out_root: Path) -> list[dict]:
             "flow_run_id": (manifest.get("prefect") or {}).get("flow_run_id") or status.get("flow_run_id"),
             "recipe_path": manifest.get("recipe_path") or status.get("recipe_path"),
             "error": status.get("error"),
+            "reason": status.get("reason") or (f"unchanged since build {status['same_as']}"
+                                               if status.get("same_as") else None),
         })
     rows.sort(key=lambda row: row["run_id"], reverse=True)
     return rows
