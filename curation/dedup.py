@@ -9,6 +9,13 @@ Duplicates waste training compute and over-weight whatever they say, so each clu
 copies keeps one row and rejects the others with ``duplicate_of`` pointing at the row that
 was kept. Which row is kept is decided by one total order over rows (see ``keep_order``),
 so exact and near clusters agree and every rejection points straight at the kept row.
+
+Across builds (with a record cache, curation/record_cache.py): each text's signature is computed
+once, and the rows each build keeps go into a persisted index per recipe. Indexed rows whose input
+is gone (an earlier delivery, a withdrawn file) take part in the next build as anchors that always
+win and are never output: exact and near copies of them are rejected as
+``duplicate_of_earlier_build``. While the input still holds every indexed row, the index changes
+nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Literal
 
 import numpy as np
@@ -27,9 +34,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curation.hashing import hash_column
+from curation.record_cache import KEY, RecordCache, RecordCaches
 from curation.stage import StageResult, empty_rejections, rejections
 
 STAGE = "dedup"
+EARLIER = "duplicate_of_earlier_build"  # reason of a row duplicating a row kept by an earlier build
+SIGNATURE_STAGE = "minhash"  # record cache of MinHash signatures, keyed by text
+INDEX_STAGE = "dedup_index"  # persisted index of the rows earlier builds kept, keyed by id
+# Bump when the code changes a text's signature for the same settings, or what the index holds.
+SIGNATURE_VERSION = 1
+INDEX_VERSION = 1
 _SCHEME = "affine32"  # datasketch permutation scheme, pinned so signatures do not change with library defaults
 
 # Odd 64-bit multiplier (golden ratio) used to fold word hashes into n-gram hashes.
@@ -88,61 +103,99 @@ class DedupConfig(BaseModel):
         "rule", description="'rule': keep by source priority, rank, answer length, id; 'score': best score first, then the rule")
     source_priority: list[str] = Field(default_factory=list,
                                        description="source names, earlier wins ties under the rule; unlisted sources come after")
+    against_earlier_builds: bool = Field(
+        True, description="with a cache: keep an index of the rows each build kept, and reject rows duplicating "
+                          "(exactly or near) an indexed row whose input is gone, as 'duplicate_of_earlier_build'")
 
 
-def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
+def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches | None = None,
+                dataset: str = "") -> StageResult:
     """Exact dedup on ``content_hash`` (within each ``kind``), then near dedup of conversations.
 
     Prompt rows take part in exact dedup only. Kept rows of a cluster with more than one
     member get ``dup_cluster`` = id of the kept row; singletons get null.
+
+    With ``cache``, MinHash signatures are cached by text, and (``against_earlier_builds``)
+    the kept rows are added to a persisted index filed under ``dataset`` (the recipe's name);
+    index rows whose id is not in ``records`` (their input is gone) take part as anchors that
+    always win, and rows duplicating them are rejected as ``duplicate_of_earlier_build``.
     """
     if records.is_empty():
         return StageResult(records.with_columns(pl.lit(None, dtype=pl.String).alias("dup_cluster")), empty_rejections())
 
+    index = _open_index(cache, config, dataset) if cache is not None and config.against_earlier_builds else None
+    known = None
+    anchors = pl.DataFrame(schema={KEY: pl.String, "kind": pl.String, "content_hash": pl.String})
+    if index is not None:
+        known = index.entries(keep="last")
+        anchors = known.join(records.select(pl.col("id").alias(KEY)), on=KEY, how="anti").sort(KEY)
+        index.hits += anchors.height  # the index's "hits": rows of earlier builds taking part
+
     frame = records.with_row_index("_row").with_columns(keep_order(records, config))
-    n = frame.height
-    pref = frame["_pref"].to_numpy()
+    n, m = frame.height, anchors.height
+    total = n + m
+    # Rows 0..n-1 are this build's, n..n+m-1 the anchors, more preferred than any row (negative _pref).
+    pref = np.concatenate([frame["_pref"].to_numpy(), np.arange(-m, 0)])
+    kinds = pl.concat([frame["kind"], anchors["kind"]])
 
     # Exact: every row points at the most preferred row with the same (kind, content_hash).
     if config.exact:
-        exact_rep = frame.select(
+        keyed = pl.concat([frame.select(pl.col("_row").cast(pl.Int64), "kind", "content_hash", "_pref"),
+                           anchors.select(pl.int_range(n, total, dtype=pl.Int64).alias("_row"), "kind", "content_hash",
+                                          pl.int_range(-m, 0, dtype=pl.Int64).alias("_pref"))])
+        exact_rep = keyed.select(
             pl.when(pl.col("content_hash").is_null()).then(pl.col("_row"))
             .otherwise(pl.col("_row").sort_by("_pref").first().over(["kind", "content_hash"]))
         ).to_series().to_numpy()
     else:
-        exact_rep = np.arange(n)
+        exact_rep = np.arange(total)
 
     # Near: cluster the exact survivors that are conversations; rep maps each to its cluster's keeper.
     rep = exact_rep.copy()
-    jaccard = np.full(n, np.nan)  # Jaccard of a near-dropped row with its keeper
-    survivors = np.flatnonzero((exact_rep == np.arange(n)) & (frame["kind"] == "conversation").to_numpy())
+    jaccard = np.full(total, np.nan)  # Jaccard of a near-dropped row with its keeper
+    survivors = np.flatnonzero((exact_rep == np.arange(total)) & (kinds == "conversation").to_numpy())
     if config.near.enabled and survivors.size > 1:
         field = config.near.field
-        texts = dedup_texts(frame[survivors], "answer" if field == "conversation" else field)
-        sketches = sketch(texts, config.near)
-        shingles = (sketches.hashes, sketches.offsets)
+        signatures = None
+        if cache is not None:
+            signatures = cache.open(SIGNATURE_STAGE, _signature_settings(config.near),
+                                    values={"signature": pl.Array(pl.UInt32, config.near.num_perm)})
+
+        def texts_of(which: str) -> pl.Series:
+            """The survivors' texts: this build's from their messages, the anchors' as the index keeps them."""
+            current = dedup_texts(frame[survivors[survivors < n]], which)
+            if not m:
+                return current
+            earlier = anchors[f"{which}_text"].gather(survivors[survivors >= n] - n).fill_null("")
+            return pl.concat([current, earlier.rename(current.name)])
+
+        sketches = _sketch(texts_of("answer" if field == "conversation" else field), config.near, signatures)
         if field == "conversation":
             # Similar answers are duplicates only when they answer a similar prompt.
-            prompts = sketch(dedup_texts(frame[survivors], "prompt"), config.near)
-            left, right, _ = candidate_pairs(sketches.signatures, config.near, shingles, within=prompts.signatures)
-            close = similarity(prompts.signatures, (prompts.hashes, prompts.offsets), left, right,
+            prompts = _sketch(texts_of("prompt"), config.near, signatures)
+            left, right, _ = candidate_pairs(sketches.signatures, config.near, sketches.shingles,
+                                             within=prompts.signatures)
+            close = similarity(prompts.signatures, prompts.shingles, left, right,
                                config.near) >= config.near.threshold
             left, right = left[close], right[close]
         else:
-            left, right, _ = candidate_pairs(sketches.signatures, config.near, shingles)
+            left, right, _ = candidate_pairs(sketches.signatures, config.near, sketches.shingles)
         local_rep = cluster_keepers(len(survivors), left, right, pref[survivors])
         near_rep = survivors[local_rep]
         moved = np.flatnonzero(local_rep != np.arange(len(survivors)))
-        jaccard[survivors[moved]] = exact_jaccard(*shingles, moved, local_rep[moved])
+        jaccard[survivors[moved]] = sketches.shingles.jaccard(moved, local_rep[moved])
         rep[survivors] = near_rep
         rep = rep[exact_rep]  # exact copies follow their representative to the final keeper
 
-    ids = frame["id"]
-    kept_mask = rep == np.arange(n)
-    in_cluster = np.bincount(rep, minlength=n)[rep] > 1
+    ids = pl.concat([frame["id"], anchors[KEY]])
+    ours = rep[:n]
+    kept_mask = ours == np.arange(n)
+    in_cluster = np.bincount(rep, minlength=total)[ours] > 1
     kept = records.with_columns(
-        pl.when(pl.Series(in_cluster)).then(ids.gather(rep)).otherwise(None).cast(pl.String).alias("dup_cluster")
+        pl.when(pl.Series(in_cluster)).then(ids.gather(ours)).otherwise(None).cast(pl.String).alias("dup_cluster")
     ).filter(pl.Series(kept_mask))
+    if index is not None:
+        _add_to_index(index, kept, known, config)
 
     dropped = np.flatnonzero(~kept_mask)
     if dropped.size == 0:
@@ -153,6 +206,7 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
         "_exact_of": ids.gather(exact_rep[dropped]),
         "_kept": ids.gather(rep[dropped]),
         "_jaccard": jaccard[exact_rep[dropped]],
+        "_earlier": rep[dropped] >= n,
     })
     threshold = config.near.threshold
     hundredths = (pl.col("_jaccard") * 100).round().cast(pl.Int64)
@@ -167,12 +221,94 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig) -> StageResult:
         .otherwise(pl.concat_str(pl.lit("same content_hash as "), pl.col("_exact_of"),
                                  pl.lit(", itself a near duplicate ("), jaccard_text, pl.lit(") of "), pl.col("_kept")))
     )
+    detail = pl.when(pl.col("_earlier")).then(pl.format("{}; {} was kept by an earlier build and is not in this "
+                                                        "build's input", detail, pl.col("_kept"))).otherwise(detail)
     rejected = rejections(
         info, STAGE,
-        reason=pl.when(pl.col("_exact")).then(pl.lit("exact_duplicate")).otherwise(pl.lit("near_duplicate")),
+        reason=pl.when(pl.col("_earlier")).then(pl.lit(EARLIER))
+        .when(pl.col("_exact")).then(pl.lit("exact_duplicate")).otherwise(pl.lit("near_duplicate")),
         detail=detail, duplicate_of=pl.col("_kept"),
     )
     return StageResult(kept, rejected)
+
+
+def _near_fields(config: DedupConfig) -> list[str]:
+    """The texts near dedup compares, for the index to keep."""
+    if not config.near.enabled:
+        return []
+    return ["answer", "prompt"] if config.near.field == "conversation" else [config.near.field]
+
+
+def _open_index(cache: RecordCaches, config: DedupConfig, dataset: str) -> RecordCache:
+    """The persisted index of rows kept by earlier builds: id -> kind, content_hash and the compared texts.
+
+    Texts rather than signatures: anchors then go through the same (cached) signatures and exact
+    Jaccard checks as this build's rows, so an anchor is judged as if it were in the input.
+    """
+    fields = _near_fields(config)
+    values = {"kind": pl.String, "content_hash": pl.String, **{f"{f}_text": pl.String for f in fields}}
+    return cache.open(INDEX_STAGE, {"version": INDEX_VERSION, "dataset": dataset, "near_fields": fields}, values=values)
+
+
+def _add_to_index(index: RecordCache, kept: pl.DataFrame, known: pl.DataFrame, config: DedupConfig) -> None:
+    """Store the kept rows the index does not hold yet with the same kind and content."""
+    new = kept.join(known.select(pl.col(KEY).alias("id"), "kind", "content_hash"), on=["id", "kind", "content_hash"],
+                    how="anti", nulls_equal=True)
+    if new.is_empty():
+        return
+    is_conversation = pl.col("kind") == "conversation"
+    texts = {f"{f}_text": pl.when(is_conversation).then(dedup_texts(new, f)) for f in _near_fields(config)}
+    index.store(new.select(pl.col("id").alias(KEY), "kind", "content_hash", **texts))
+
+
+def _signature_settings(config: NearDedupConfig) -> dict:
+    """What a text's MinHash signature depends on (the text itself is the cache key)."""
+    return {"version": SIGNATURE_VERSION, "num_perm": config.num_perm, "shingle_words": config.shingle_words,
+            "seed": config.seed, "scheme": _SCHEME, "backend": config.backend}
+
+
+@dataclass(frozen=True)
+class _Sketched:
+    signatures: np.ndarray
+    shingles: Shingles
+
+
+def _sketch(texts: pl.Series, config: NearDedupConfig, cache: RecordCache | None) -> _Sketched:
+    """Signatures of ``texts``; with ``cache``, each distinct text is sketched once across builds and the
+    shingle hashes are computed later, only for the texts an exact Jaccard needs."""
+    if cache is None:
+        sketches = sketch(texts, config)
+        return _Sketched(sketches.signatures, Shingles(texts, config.shingle_words, sketches.hashes, sketches.offsets))
+    keys = hash_column(texts).rename(KEY)
+    distinct = pl.DataFrame({KEY: keys, "text": texts}).unique(KEY, keep="first", maintain_order=True)
+    found = cache.lookup(distinct[KEY])
+    missing = distinct.join(found, on=KEY, how="anti", maintain_order="left")
+    if missing.height:
+        computed = pl.DataFrame({KEY: missing[KEY],
+                                 "signature": pl.Series(sketch(missing["text"], config).signatures)})
+        cache.store(computed)
+        found = pl.concat([found, computed])
+    signatures = keys.to_frame().join(found, on=KEY, how="left", maintain_order="left")["signature"].to_numpy()
+    return _Sketched(np.ascontiguousarray(signatures, dtype=np.uint32).reshape(len(texts), config.num_perm),
+                     Shingles(texts, config.shingle_words))
+
+
+class Shingles:
+    """Shingle hash sets of texts, for exact Jaccard. Without precomputed ``hashes``/``offsets``
+    (as ``Sketches`` holds them), only the texts a comparison involves are shingled, when asked."""
+
+    def __init__(self, texts: pl.Series, shingle_words: int, hashes: np.ndarray | None = None,
+                 offsets: np.ndarray | None = None):
+        self.texts, self.shingle_words, self.hashes, self.offsets = texts, shingle_words, hashes, offsets
+
+    def jaccard(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        if self.hashes is not None:
+            return exact_jaccard(self.hashes, self.offsets, left, right)
+        if left.size == 0:
+            return np.empty(0, dtype=np.float64)
+        docs, inverse = np.unique(np.concatenate([left, right]), return_inverse=True)
+        hashes, offsets = shingle_hashes(self.texts.gather(docs), self.shingle_words)
+        return exact_jaccard(hashes, offsets, inverse[:left.size], inverse[left.size:])
 
 
 def keep_order(records: pl.DataFrame, config: DedupConfig) -> pl.DataFrame:
@@ -359,14 +495,14 @@ def _workers() -> int:
 
 
 def candidate_pairs(signatures: np.ndarray, config: NearDedupConfig,
-                    shingles: tuple[np.ndarray, np.ndarray] | None = None,
+                    shingles: tuple[np.ndarray, np.ndarray] | Shingles | None = None,
                     within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (left < right, sorted) that share an LSH band and whose Jaccard >= threshold, with it.
 
     The Jaccard is the signatures' estimate, except that with ``shingles`` (hashes, offsets
-    as in ``Sketches``) a pair whose estimate is within ``exact_margin`` of the threshold
-    gets its exact Jaccard: at 128 permutations the estimate's standard error near 0.8 is
-    0.035, so deciding on it alone misjudges many pairs close to the threshold.
+    as in ``Sketches``, or a ``Shingles``) a pair whose estimate is within ``exact_margin``
+    of the threshold gets its exact Jaccard: at 128 permutations the estimate's standard
+    error near 0.8 is 0.035, so deciding on it alone misjudges many pairs close to the threshold.
 
     Banding is datasketch's (same bands and rows for the config). The numpy backend groups
     equal band keys by sorting. A bucket larger than ``_BUCKET_ALL_PAIRS`` rows does not yield
@@ -386,14 +522,15 @@ def candidate_pairs(signatures: np.ndarray, config: NearDedupConfig,
     return left[close], right[close], jaccard[close]
 
 
-def similarity(signatures: np.ndarray, shingles: tuple[np.ndarray, np.ndarray] | None,
+def similarity(signatures: np.ndarray, shingles: tuple[np.ndarray, np.ndarray] | Shingles | None,
                left: np.ndarray, right: np.ndarray, config: NearDedupConfig) -> np.ndarray:
     """Estimated Jaccard of each pair, exact for those within ``exact_margin`` of the threshold
     when the shingles are given."""
     jaccard = _estimated_jaccard(signatures, left, right)
     if shingles is not None and config.exact_margin > 0:
         unsure = np.flatnonzero(np.abs(jaccard - config.threshold) < config.exact_margin)
-        jaccard[unsure] = exact_jaccard(*shingles, left[unsure], right[unsure])
+        exact = shingles.jaccard if isinstance(shingles, Shingles) else partial(exact_jaccard, *shingles)
+        jaccard[unsure] = exact(left[unsure], right[unsure])
     return jaccard
 
 

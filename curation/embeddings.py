@@ -25,11 +25,19 @@ def precision(dtype: str, device: str = "cpu") -> Iterator[None]:
         yield
 
 
-def length_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Indices in batches of similar length (longest first, so memory peaks at the start)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+def equal_length_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Indices in batches whose rows all have one length (longest first), so nothing is padded.
+
+    Padding makes a row's result depend on its batch-mates: with bfloat16 weights, 34 of 300 reward
+    scores moved (by up to 0.06) when the same conversations were scored among 300 others. Unpadded,
+    a score is the same whatever else is scored, so a cached score equals a fresh one and an
+    incremental build equals a build from scratch; skipping the pad tokens is also ~20% faster.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
+        for start in range(0, len(group), batch_size):
+            yield group[start:start + batch_size]
 
 
 class SentenceEmbedder:
@@ -46,13 +54,16 @@ class SentenceEmbedder:
         self.model.max_seq_length = min(max_length, limit)
 
     def embed(self, texts: list[str], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
-        """Unit vectors, encoded in batches of similar length (characters, as sentence-transformers sorts)."""
-        lengths = np.array([len(t) for t in texts])
-        out = np.empty((len(texts), self.model.get_embedding_dimension()), dtype=np.float32)
+        """Unit vectors, encoded in unpadded batches (texts of one token count each): a vector does not
+        depend on which other texts are embedded, so a cached vector equals a fresh one."""
+        model = self.model
+        tokens = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+        lengths = np.fromiter((len(ids) for ids in tokens), dtype=np.int64, count=len(texts))
+        out = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
         with precision(self.dtype, self.device):
-            for batch in length_batches(lengths, self.batch_size):
-                out[batch] = self.model.encode([texts[i] for i in batch], batch_size=len(batch),
-                                               convert_to_numpy=True, normalize_embeddings=True,
-                                               show_progress_bar=False)
+            for batch in equal_length_batches(lengths, self.batch_size):
+                out[batch] = model.encode([texts[i] for i in batch], batch_size=len(batch),
+                                          convert_to_numpy=True, normalize_embeddings=True,
+                                          show_progress_bar=False)
                 progress(len(batch))
         return out

@@ -26,7 +26,10 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curation.language import DEFAULT_ENGINE, DEFAULT_MIN_CONFIDENCE, ENGINES, detect_languages
+import curation
+from curation.hashing import hash_column
+from curation.language import DEFAULT_ENGINE, DEFAULT_MIN_CONFIDENCE, ENGINES, detect_languages, engine_identity
+from curation.record_cache import KEY, RecordCaches
 from curation.stage import StageResult, empty_rejections, rejections
 
 STAGE = "filter"
@@ -186,8 +189,12 @@ class FilterConfig(BaseModel):
 
 
 def filter_records(records: pl.DataFrame, config: FilterConfig,
-                   overrides: dict[str, FilterConfig] | None = None) -> StageResult:
-    """``overrides``: source name -> the config used for that source's rows instead of ``config``."""
+                   overrides: dict[str, FilterConfig] | None = None, cache: RecordCaches | None = None) -> StageResult:
+    """``overrides``: source name -> the config used for that source's rows instead of ``config``.
+
+    With ``cache``, each row's verdict (reason, detail, language, language_score) is cached by
+    its content and the config that judged it: a rebuild judges only new or changed rows.
+    """
     overrides = overrides or {}
     frame = records.with_row_index("_row")
     default_rows = frame.filter(~pl.col("source").is_in(list(overrides))) if overrides else frame
@@ -196,7 +203,7 @@ def filter_records(records: pl.DataFrame, config: FilterConfig,
     verdicts, languages = [], []
     for part, cfg in parts:
         if part.height:
-            verdict, language = _judge(part, cfg)
+            verdict, language = _judge(part, cfg) if cache is None else _judge_cached(part, cfg, cache)
             verdicts.append(verdict)
             languages.append(language)
     verdict = pl.concat(verdicts) if verdicts else pl.DataFrame(schema={"_row": pl.UInt32, "reason": pl.String,
@@ -214,6 +221,43 @@ def filter_records(records: pl.DataFrame, config: FilterConfig,
     # the language of rows rejected for it, for the lineage
     values = language.join(rejected, on="_row", how="semi").join(frame.select("_row", "id"), on="_row")
     return StageResult(kept=kept, rejected=out, values=values.sort("_row").select("id", "language", "language_score"))
+
+
+# Bump when the code changes a verdict for the same row and config (releases change the package version, which is
+# hashed too).
+CACHE_VERSION = 1
+_VERDICT = {"reason": pl.String, "detail": pl.String, "language": pl.String, "language_score": pl.Float64}
+
+
+def _judge_cached(part: pl.DataFrame, config: FilterConfig, cache: RecordCaches) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``_judge`` with each distinct row judged once across builds.
+
+    A verdict depends on the row's kind, messages and source_flags only (every rule reads one
+    row), so those are the key; the whole config, the language engine's files and the package
+    version name the cache folder. Every rule is cached, not only language identification: on
+    the shared recipe the repetition statistics cost more than the detector.
+    """
+    settings = {"version": CACHE_VERSION, "package": curation.__version__, "config": config.model_dump(mode="json"),
+                "language_engine": engine_identity(config.language.engine) if config.language.enabled else None}
+    store = cache.open(STAGE, settings, values=_VERDICT)
+    content = part["content_hash"]
+    if content.null_count():  # normally filled by the normalise stage
+        serial = part.select(pl.col("messages").list.eval(pl.element().struct.json_encode()).list.join("\n"))
+        content = part.select(pl.coalesce(pl.col("content_hash"), hash_column(serial.to_series()))).to_series()
+    flags = pl.col("source_flags").list.join("\x1f").fill_null("\x00")
+    keyed = part.with_columns(_key=pl.concat_str(pl.col("kind").fill_null("\x00"), content, flags, separator="\x1d"))
+    found = store.lookup(keyed["_key"])
+    missing = keyed.join(found, left_on="_key", right_on=KEY, how="anti").unique("_key", maintain_order=True)
+    if missing.height:
+        verdict, language = _judge(missing, config)
+        computed = (missing.select("_row", pl.col("_key").alias(KEY))
+                    .join(verdict, on="_row", how="left").join(language, on="_row", how="left")
+                    .select(KEY, *_VERDICT))
+        store.store(computed)
+        found = pl.concat([found, computed])
+    judged = keyed.select("_row", "_key").join(found.rename({KEY: "_key"}), on="_key", how="left")
+    return (judged.filter(pl.col("reason").is_not_null()).select("_row", "reason", "detail"),
+            judged.filter(pl.col("language").is_not_null()).select("_row", "language", "language_score"))
 
 
 def _texts(frame: pl.DataFrame) -> pl.DataFrame:

@@ -38,7 +38,11 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from curation.hashing import file_sha256
 
 ENGINES = ("langdetect", "fasttext", "lingua")
 DEFAULT_ENGINE = "fasttext"
@@ -68,6 +72,25 @@ def detect_languages(texts: list[str], engine: str = DEFAULT_ENGINE,
     found = dict(zip(unique, results, strict=True))
     none = (UNDETERMINED, 0.0)
     return [found.get(text, none)[0] for text in texts], [found.get(text, none)[1] for text in texts]
+
+
+_DISTRIBUTIONS = {"langdetect": "langdetect", "fasttext": "fasttext-predict", "lingua": "lingua-language-detector"}
+
+
+@lru_cache(maxsize=None)
+def engine_identity(engine: str) -> dict:
+    """What fixes an engine's answers for a given text: its package version and, for fastText, the
+    model file's sha256 and the characters it reads (the key of cached language verdicts)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown language engine '{engine}'; use one of: {', '.join(ENGINES)}")
+    try:
+        package = version(_DISTRIBUTIONS[engine])
+    except PackageNotFoundError:
+        package = None
+    identity = {"engine": engine, "package": package}
+    if engine == "fasttext":
+        identity.update(model_sha256=file_sha256(fasttext_model_path()), chars=FASTTEXT_CHARS)
+    return identity
 
 
 def normalise_code(code: str) -> str:

@@ -26,7 +26,9 @@ from bs4 import BeautifulSoup
 from markdownify import ATX, MarkdownConverter
 from pydantic import BaseModel, ConfigDict, Field
 
+import curation
 from curation.hashing import hash_column
+from curation.record_cache import KEY, RecordCaches
 from curation.stage import StageResult, empty_rejections, rejections
 from schemas import ROLES
 
@@ -71,7 +73,46 @@ class NormalizeConfig(BaseModel):
         True, description="trim user turns after the final answer; off: reject 'bad_role_order'")
 
 
-def normalize(records: pl.DataFrame, config: NormalizeConfig) -> StageResult:
+# The columns normalisation computes; a cached row holds these, or the reason it was rejected.
+COMPUTED = {"messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})), "n_turns": pl.Int32,
+            "prompt_chars": pl.Int64, "answer_chars": pl.Int64, "prompt_id": pl.String, "content_hash": pl.String}
+CACHED = {**COMPUTED, "reason": pl.String, "detail": pl.String}
+# Bump when the code changes what a row normalises to (releases change the package version, which is hashed too).
+CACHE_VERSION = 1
+
+
+def normalize(records: pl.DataFrame, config: NormalizeConfig, cache: RecordCaches | None = None) -> StageResult:
+    """With ``cache``, each distinct (kind, messages) is normalised once across builds (the config and
+    the package version name the cache): on the 134k shared rows a warm rebuild takes 0.4 s instead of 5 s,
+    hashing the raw messages and reading the cached results."""
+    if cache is None or records.is_empty():
+        return _normalize(records, config)
+    settings = {"version": CACHE_VERSION, "package": curation.__version__, "config": config.model_dump(mode="json")}
+    store = cache.open(STAGE, settings, values=CACHED)
+    keyed = records.with_columns(_key=input_key(records))
+    found = store.lookup(keyed["_key"])
+    missing = keyed.join(found, left_on="_key", right_on=KEY, how="anti").unique("_key", maintain_order=True)
+    if missing.height:
+        # the key stands in for the id, so results map back to keys whatever the ids are
+        result = _normalize(missing.with_columns(id=pl.col("_key")).drop("_key"), config)
+        computed = pl.concat([result.kept.select("id", *COMPUTED), result.rejected.select("id", "reason", "detail")],
+                             how="diagonal").select(pl.col("id").alias(KEY), *CACHED)
+        store.store(computed)
+        found = pl.concat([found, computed])
+    joined = keyed.drop([c for c in COMPUTED if c in records.columns]).join(
+        found.rename({KEY: "_key"}), on="_key", how="left", maintain_order="left")
+    kept = joined.filter(pl.col("reason").is_null()).select(records.columns)
+    rejected = joined.filter(pl.col("reason").is_not_null())
+    out = rejections(rejected, STAGE, pl.col("reason"), pl.col("detail")) if rejected.height else empty_rejections()
+    return StageResult(kept=kept, rejected=out)
+
+
+def input_key(records: pl.DataFrame) -> pl.Series:
+    """Hash of everything normalisation reads from a row: its kind and raw messages (nulls included)."""
+    return hash_column(records.select(pl.struct("kind", "messages").struct.json_encode()).to_series())
+
+
+def _normalize(records: pl.DataFrame, config: NormalizeConfig) -> StageResult:
     columns = records.columns
     frame = records.with_row_index("_row")
     rejected: list[pl.DataFrame] = []

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from curation.embeddings import SentenceEmbedder, length_batches
+from curation.embeddings import SentenceEmbedder, equal_length_batches
 from curation.hashing import file_sha256, hash_column
 from curation.score_cache import CACHE_ENV, ScoreCache, model_hash
 
@@ -450,7 +450,7 @@ class _RewardModel:
         lengths = np.array([len(encoded[i][0]) for i in usable])
         tensors = "np" if self.config.backend == "onnx" else "pt"
         with _inference_mode():
-            for batch in length_batches(lengths, self.config.batch_size):
+            for batch in equal_length_batches(lengths, self.config.batch_size):
                 rows = [usable[i] for i in batch]
                 features = {"input_ids": [encoded[i][0] for i in rows]}
                 if self.encoder.token_types:

@@ -11,32 +11,27 @@ setting that changes the numbers; batch size and thread count do not (they move 
 float rounding only). Writers never touch an existing file: each write is a new, uniquely
 named shard written to a temporary file and renamed into place, so concurrent builds can
 share a cache and a reader never sees half a shard. Shards are never merged or deleted by the
-pipeline; delete a model-hash folder to drop its scores.
+pipeline; delete a model-hash folder to drop its scores. The shard reader and writer are
+curation/record_cache.py's, shared with the per-record caches of the other stages.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import tempfile
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
+from curation.record_cache import read_shards, write_atomic, write_shard
 
 # Bump when the scorers' inputs change for the same files and settings (e.g. the truncation policy of
 # RewardEncoder), so old cached scores stop matching.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: reward models score in unpadded batches (curation.embeddings.equal_length_batches)
 CACHE_ENV = "CURATION_CACHE"
-_SHARD_GLOB = "scores-*.parquet"
+_SHARD_PREFIX = "scores"
 
 
 def model_hash(files: dict[str, str], settings: dict) -> str:
@@ -70,8 +65,8 @@ class ScoreCache:
             raise ValueError(f"score cache {self.root} cannot be created ({error.strerror}); "
                              f"set score.cache_dir to a writable folder or remove it") from None
         if description is not None and not (self.folder / "model.json").is_file():
-            _write_atomic(self.folder / "model.json", json.dumps(description, indent=2, sort_keys=True).encode(),
-                          suffix=".json")
+            write_atomic(self.folder / "model.json", json.dumps(description, indent=2, sort_keys=True).encode(),
+                         suffix=".json")
 
     def lookup(self, content_hashes: pl.Series) -> pl.DataFrame:
         """(content_hash, score) of the given contents found in the cache; NaN = cached as unscorable.
@@ -79,43 +74,13 @@ class ScoreCache:
         An unreadable shard (damaged by hand, a full disk) is skipped with a warning: its
         contents are simply scored again.
         """
-        wanted = pl.DataFrame({"content_hash": content_hashes.cast(pl.String)}).unique()
-        found = []
-        for shard in sorted(self.folder.glob(_SHARD_GLOB)):
-            try:
-                table = pl.read_parquet(shard, columns=["content_hash", "score"])
-            except Exception as error:  # noqa: BLE001 - any unreadable shard means the same: score again
-                log.warning("score cache: skipping unreadable shard %s (%s)", shard, error)
-                continue
-            found.append(table.cast({"content_hash": pl.String, "score": pl.Float64})
-                         .join(wanted, on="content_hash", how="semi"))
-        if not found:
-            return pl.DataFrame(schema={"content_hash": pl.String, "score": pl.Float64})
-        return pl.concat(found).unique(subset="content_hash", keep="first", maintain_order=True)
+        return read_shards(self.folder, _SHARD_PREFIX, "content_hash", {"score": pl.Float64}, wanted=content_hashes,
+                           what="score cache")
 
     def store(self, content_hashes: list[str] | pl.Series, scores: np.ndarray) -> Path | None:
         """Append one new shard (NaN scores included: unscorable content is not retried)."""
         if len(content_hashes) == 0:
             return None
-        table = pa.table({"content_hash": pa.array(list(content_hashes), type=pa.string()),
-                          "score": pa.array(np.asarray(scores, dtype=np.float64), type=pa.float64())})
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        path = self.folder / f"scores-{stamp}-{uuid.uuid4().hex}.parquet"
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        _write_atomic(path, sink.getvalue().to_pybytes(), suffix=".parquet")
-        return path
-
-
-def _write_atomic(path: Path, data: bytes, suffix: str) -> None:
-    """Temp file in the same folder (not matching the shard glob), fsync, rename into place."""
-    handle, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        return write_shard(self.folder, _SHARD_PREFIX, pl.DataFrame({
+            "content_hash": pl.Series(content_hashes, dtype=pl.String),
+            "score": pl.Series(np.asarray(scores, dtype=np.float64), dtype=pl.Float64)}))

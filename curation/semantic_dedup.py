@@ -34,11 +34,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from curation.dedup import DedupConfig, cluster_keepers, dedup_texts, keep_order
 from curation.embeddings import SentenceEmbedder
+from curation.hashing import hash_column
+from curation.record_cache import KEY, RecordCache, RecordCaches
 from curation.score import DEFAULT_EMBEDDING_MODEL, PACKAGE_PREFIX, loaded_files, model_folder
+from curation.score_cache import model_hash
 from curation.stage import StageResult, empty_rejections, rejections
 
 STAGE = "semantic_dedup"
 REASON = "semantic_duplicate"
+EMBEDDING_STAGE = "embedding"  # record cache of unit vectors, keyed by text
+VECTOR = pl.List(pl.Float32)
+# Bump when the code changes a text's vector for the same model and settings.
+CACHE_VERSION = 1
 _BLOCK = 2048  # rows per side of one similarity block: 2048 x 2048 float32 = 16 MB
 _KMEANS_ITERATIONS = 10
 _TRAIN_PER_CLUSTER = 256  # k-means training rows per centroid (faiss uses the same cap)
@@ -77,14 +84,16 @@ class SemanticDedupConfig(BaseModel):
 
 
 def semantic_deduplicate(records: pl.DataFrame, config: SemanticDedupConfig,
-                         progress: Callable[[int], None] | None = None) -> tuple[StageResult, dict]:
+                         progress: Callable[[int], None] | None = None,
+                         cache: RecordCaches | None = None) -> tuple[StageResult, dict]:
     """Reject conversations whose embeddings are within ``threshold`` of a preferred row's.
 
     Prompt rows pass through. Kept rows of a semantic cluster with more than one member get
     ``dup_cluster`` = their own id; other rows keep the ``dup_cluster`` they came with.
     ``progress`` is called with the number of distinct texts embedded in each batch. Returns
     the result and, for the manifest, the model, the sha256 of every file loaded and the
-    search parameters used (empty when the stage is disabled).
+    search parameters used (empty when the stage is disabled). With ``cache``, embeddings are
+    cached by text, model files, max_length and dtype: a rebuild embeds only new texts.
     """
     if "dup_cluster" not in records.columns:
         records = records.with_columns(pl.lit(None, dtype=pl.String).alias("dup_cluster"))
@@ -101,7 +110,12 @@ def semantic_deduplicate(records: pl.DataFrame, config: SemanticDedupConfig,
     frame = records[rows]
     fields = ["prompt", "answer"] if config.field == "conversation" else [config.field]
     texts = [dedup_texts(frame, f) for f in fields]
-    vectors, embedded = embed_distinct(texts, folder, config, progress)
+    store = None
+    if cache is not None:
+        store = cache.open(EMBEDDING_STAGE, {"version": CACHE_VERSION, "max_length": config.max_length,
+                                             "dtype": config.dtype, "device": config.device.split(":")[0]},
+                           model_hash(info["files"], {"kind": "sentence_embedding"}), values={"vector": VECTOR})
+    vectors, embedded = embed_distinct(texts, folder, config, progress, store)
     info["embedded_texts"] = embedded
     # Conversation mode searches the concatenation [prompt, answer] / sqrt(2): its cosine is the mean of
     # the two cosines, so every pair with both >= threshold is found, then both are checked.
@@ -148,18 +162,36 @@ def semantic_deduplicate(records: pl.DataFrame, config: SemanticDedupConfig,
 
 
 def embed_distinct(texts: list[pl.Series], folder: Path, config: SemanticDedupConfig,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], int]:
-    """Unit embeddings aligned with each series of ``texts``; every distinct text is embedded once.
+                   progress: Callable[[int], None] | None = None,
+                   cache: RecordCache | None = None) -> tuple[list[np.ndarray], int]:
+    """Unit embeddings aligned with each series of ``texts``; every distinct text is embedded once
+    (with ``cache``: once across builds).
 
-    Returns the vectors and the number of distinct texts embedded.
+    Returns the vectors and the number of distinct texts.
     """
     combined = pl.concat(texts).rename("text")
     distinct = combined.unique(maintain_order=True)
     which = combined.replace_strict(distinct, pl.int_range(len(distinct), eager=True),
                                     return_dtype=pl.Int64).to_numpy()
-    embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length,
-                                batch_size=config.batch_size, dtype=config.dtype)
-    unit = embedder.embed(distinct.to_list(), progress or (lambda n: None))
+    found = np.zeros(len(distinct), dtype=bool)
+    if cache is not None:
+        keys = hash_column(distinct).rename(KEY)
+        hit = keys.to_frame().join(cache.lookup(keys), on=KEY, how="left", maintain_order="left")["vector"]
+        found = hit.is_not_null().to_numpy()
+    todo = np.flatnonzero(~found)
+    computed = None
+    if todo.size:
+        embedder = SentenceEmbedder(folder, device=config.device, max_length=config.max_length,
+                                    batch_size=config.batch_size, dtype=config.dtype)
+        computed = embedder.embed(distinct.gather(todo).to_list(), progress or (lambda n: None))
+        if cache is not None:
+            cache.store(pl.DataFrame({KEY: keys.gather(todo), "vector": pl.Series(computed).cast(VECTOR)}))
+    dim = computed.shape[1] if computed is not None else hit.list.len().max()
+    unit = np.empty((len(distinct), dim), dtype=np.float32)
+    if todo.size:
+        unit[todo] = computed
+    if found.any():
+        unit[found] = hit.filter(pl.Series(found)).explode().to_numpy().reshape(-1, dim)
     out, start = [], 0
     for series in texts:
         out.append(unit[which[start:start + len(series)]])

@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from curation.ingest import IngestResult, ingest
 from curation.lineage import build_lineage
 from curation.normalize import normalize
 from curation.recipe import Recipe, load_recipe
+from curation.record_cache import RecordCaches
 from curation.report import write_report
 from curation.score import score_records
 from curation.score_cache import resolve_cache_dir
@@ -57,9 +59,27 @@ def _sft_sources_first(recipe: Recipe) -> list[str]:
     return [s.name for s in recipe.sources if "sft" in s.use_for]
 
 
+@dataclass
+class CachedStageResult(StageResult):
+    """A stage's result with what its record caches did (cache name -> hits, computed, key folders)."""
+    cache: dict | None = None
+
+
 def _stage_counts(result: StageResult, rows_in: int) -> dict:
-    return {"in": rows_in, "out": result.kept.height, "dropped": result.rejected.height,
-            "dropped_by_reason": result.reasons}
+    counts = {"in": rows_in, "out": result.kept.height, "dropped": result.rejected.height,
+              "dropped_by_reason": result.reasons}
+    if isinstance(result, CachedStageResult) and result.cache is not None:
+        counts["cache"] = result.cache
+    return counts
+
+
+def _record_caches(cache_root: Path | None) -> RecordCaches | None:
+    return RecordCaches(cache_root / "records") if cache_root is not None else None
+
+
+def _with_stats(result: StageResult, caches: RecordCaches | None) -> CachedStageResult:
+    return CachedStageResult(result.kept, result.rejected, result.values,
+                             cache=caches.stats() if caches is not None else None)
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -71,41 +91,48 @@ def ingest_task(recipe: Recipe, base_dir: Path, quiet: bool) -> IngestResult:
 
 
 @task(name="normalize", cache_policy=NO_CACHE)
-def normalize_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+def normalize_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: Path | None = None) -> StageResult:
+    caches = _record_caches(cache_root)
     with _bar("normalize", records.height, quiet) as bar:
-        result = normalize(records, recipe.normalize)
+        result = normalize(records, recipe.normalize, caches)
         bar.update(records.height)
-    return result
+    return _with_stats(result, caches)
 
 
 @task(name="filter", cache_policy=NO_CACHE)
-def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: Path | None = None) -> StageResult:
+    caches = _record_caches(cache_root)
     with _bar("filter", records.height, quiet) as bar:
-        result = filter_records(records, recipe.filters, recipe.filter_overrides() or None)
+        result = filter_records(records, recipe.filters, recipe.filter_overrides() or None, caches)
         bar.update(records.height)
-    return result
+    return _with_stats(result, caches)
 
 
 @task(name="dedup", cache_policy=NO_CACHE)
-def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> StageResult:
+def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: Path | None = None) -> StageResult:
+    """With a cache root: cached MinHash signatures, and dedup against the rows earlier builds of this
+    recipe (by name) kept, through the persisted index (``dedup.against_earlier_builds``)."""
     config = recipe.dedup
     if not config.source_priority:
         config = config.model_copy(update={"source_priority": _sft_sources_first(recipe)})
+    caches = _record_caches(cache_root)
     with _bar("dedup", records.height, quiet) as bar:
-        result = deduplicate(records, config)
+        result = deduplicate(records, config, caches, dataset=recipe.name)
         bar.update(records.height)
-    return result
+    return _with_stats(result, caches)
 
 
 @task(name="semantic_dedup", cache_policy=NO_CACHE)
-def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool) -> tuple[StageResult, dict]:
+def semantic_dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool,
+                        cache_root: Path | None = None) -> tuple[StageResult, dict]:
     config = recipe.semantic_dedup
     if config.enabled and not config.source_priority:
         config = config.model_copy(update={"source_priority": _sft_sources_first(recipe), "keep": recipe.dedup.keep})
+    caches = _record_caches(cache_root) if config.enabled else None
     with _bar("semantic", records.height, quiet or not config.enabled) as bar:
-        result, info = semantic_deduplicate(records, config)
+        result, info = semantic_deduplicate(records, config, cache=caches)
         bar.update(records.height)
-    return result, info
+    return _with_stats(result, caches), info
 
 
 @task(name="score", cache_policy=NO_CACHE)
@@ -266,9 +293,9 @@ def _build(parsed: Recipe, base_dir: Path, recipe_path: Path, out_dir: Path, run
     logger.info("ingest: %d rows from %d files, %d quarantined", rows.height, len(ingested.files),
                 ingested.quarantine.height)
 
-    normalized = timed("normalize", normalize_task, rows, parsed, quiet)
+    normalized = timed("normalize", normalize_task, rows, parsed, quiet, cache_root)
     stage_counts["normalize"] = _stage_counts(normalized, rows.height)
-    filtered = timed("filter", filter_task, normalized.kept, parsed, quiet)
+    filtered = timed("filter", filter_task, normalized.kept, parsed, quiet, cache_root)
     stage_counts["filter"] = _stage_counts(filtered, normalized.kept.height)
     score_first = parsed.score is not None and parsed.dedup.keep == "score"
     if score_first:
@@ -276,11 +303,12 @@ def _build(parsed: Recipe, base_dir: Path, recipe_path: Path, out_dir: Path, run
         # so each duplicate cluster keeps its best-scored member.
         pair_pool, _, scorer, score_stats = timed("score", score_task, filtered.kept, filtered.kept, parsed,
                                                   base_dir, cache_root, quiet)
-        deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet)
+        deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet, cache_root)
     else:
-        deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet)
+        deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet, cache_root)
     stage_counts["dedup"] = _stage_counts(deduped, filtered.kept.height)
-    semantic, semantic_model = timed("semantic_dedup", semantic_dedup_task, deduped.kept, parsed, quiet)
+    semantic, semantic_model = timed("semantic_dedup", semantic_dedup_task, deduped.kept, parsed, quiet,
+                                     cache_root)
     stage_counts["semantic_dedup"] = _stage_counts(semantic, deduped.kept.height)
     if score_first:
         candidates = semantic.kept
