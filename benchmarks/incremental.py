@@ -18,7 +18,12 @@ imports are left out of every build, and build (a) also pays for starting Prefec
   (b) the two files' symlinks put back, built again with the cache (a) filled: only new or changed
       records should be computed (normalise, filter verdicts, MinHash signatures, reward scores),
       and dedup runs against the index of rows (a) kept;
-  (c) from-scratch build of the same full mirror with a fresh, empty cache.
+  then the same again: nothing changed, so a no-op (``no_op_seconds``);
+  (c) from-scratch build of the same full mirror under another root, with a fresh, empty cache.
+
+Builds (a) and (b) are versioned builds under one root (``out_root``), each into its own
+``<run_id>/`` folder, with the root's own cache (``OUT_ROOT/.cache``), as ``curate build
+--out-root`` and scheduled deployments run them.
 
 ``incremental_over_full`` = time(b) / time(a). ``identical``: every output table of (b) equals
 (c)'s (sft, preference, prompts, rejected, quarantine, lineage), each sorted by a stable key
@@ -30,11 +35,11 @@ difference is reported, and ``identical_decisions`` says whether any decision di
 rows in each output, the same preference pairs, the same rejections (id, stage, reason,
 duplicate_of) and lineage dispositions, ignoring score values and the detail texts quoting them.
 
-Scores and batches: the reward model runs in padded, length-sorted batches, so a conversation's
-bfloat16 score can depend on which other conversations share its batch. Then a score cached in (a)
-can differ in its last bits from the one (c) computes, without any cache bug. The benchmark
-measures this directly: ``--batch-check`` real AlpacaEval conversations (300; 100 with --quick) are
-scored alone and mixed with as many others, and compared exactly (``batch_invariance``).
+Scores and batches: the reward model scores unpadded batches (conversations of one token count,
+``curation.embeddings.equal_length_batches``), so a score does not depend on which other
+conversations are scored with it, and a score cached in (a) equals the one (c) computes. The
+benchmark checks that directly: ``--batch-check`` real AlpacaEval conversations (300; 100 with
+--quick) are scored alone and mixed with as many others, and compared exactly (``batch_invariance``).
 
 ``--no-score``: the recipe without its scorer (select without scores), to time every other stage
 on the whole shared data in a few minutes.
@@ -148,14 +153,17 @@ def add_back(work: Path, files: list[Path], quick: bool) -> None:
             (data / relative).symlink_to(SHARED / relative)
 
 
-def build(recipe: Path, out: Path, cache: Path) -> tuple[dict, float]:
+def build(recipe: Path, out_root: Path, expect: str = "completed") -> tuple[dict, float]:
+    """A versioned build into OUT_ROOT/<run_id>/ with the root's own cache (OUT_ROOT/.cache), as
+    `curate build --out-root` and scheduled deployments run it."""
     from flows.build import build_dataset
 
     started = time.perf_counter()
-    manifest = build_dataset(recipe=str(recipe), out=str(out), cache_dir=str(cache), quiet=True)
+    manifest = build_dataset(recipe=str(recipe), out_root=str(out_root), quiet=True)
     seconds = time.perf_counter() - started
-    if manifest.get("status") != "completed":
-        raise SystemExit(f"build into {out} did not complete: {manifest.get('status')} ({manifest.get('reason')})")
+    if manifest.get("status") != expect:
+        raise SystemExit(f"build under {out_root}: {manifest.get('status')}, expected {expect} "
+                         f"({manifest.get('reason')})")
     return manifest, seconds
 
 
@@ -249,11 +257,12 @@ def main() -> None:
     try:
         recipe = (quick_mirror(work, args.model, missing, args.no_score) if args.quick
                   else full_mirror(work, missing, args.no_score))
-        full, full_seconds = build(recipe, work / "out" / "a", work / "cache")
+        full, full_seconds = build(recipe, work / "builds")
         add_back(work, missing, args.quick)
-        incremental, incremental_seconds = build(recipe, work / "out" / "b", work / "cache")
-        scratch, scratch_seconds = build(recipe, work / "out" / "c", work / "cache-scratch")
-        comparison = compare(work / "out" / "b", work / "out" / "c")
+        incremental, incremental_seconds = build(recipe, work / "builds")
+        _, no_op_seconds = build(recipe, work / "builds", expect="no-op")
+        scratch, scratch_seconds = build(recipe, work / "scratch")
+        comparison = compare(Path(incremental["out_dir"]), Path(scratch["out_dir"]))
         batches = (None if args.no_score
                    else batch_invariance(recipe, args.model, args.batch_check or (100 if args.quick else 300)))
     finally:
@@ -262,11 +271,11 @@ def main() -> None:
 
     figures = {
         "quick": args.quick, "no_score": args.no_score, "model": args.model,
-        "mode": "in-process flow calls (flows.build.build_dataset)",
+        "mode": "in-process versioned flow calls (flows.build.build_dataset with out_root)",
         "incremental_over_full": round(incremental_seconds / full_seconds, 4),
         "identical": comparison["identical"], "identical_decisions": comparison["identical_decisions"],
         "full_seconds": round(full_seconds, 2), "incremental_seconds": round(incremental_seconds, 2),
-        "scratch_seconds": round(scratch_seconds, 2),
+        "scratch_seconds": round(scratch_seconds, 2), "no_op_seconds": round(no_op_seconds, 2),
         "input_records": incremental["counts"]["input_records"],
         "new_records": incremental["counts"]["input_records"] - full["counts"]["input_records"],
         "incremental_stage_seconds": incremental["times"]["stage_seconds"],
@@ -286,6 +295,7 @@ def print_table(f: dict) -> None:
           f"{f['new_records']} new ({f['model']}'s outputs and annotations); {f['mode']}")
     print(f"\n{'build':<34}{'seconds':>9}")
     for name, key in (("(a) full, empty cache", "full_seconds"), ("(b) + new files, warm cache", "incremental_seconds"),
+                      ("    unchanged again: no-op", "no_op_seconds"),
                       ("(c) from scratch, empty cache", "scratch_seconds")):
         print(f"{name:<34}{f[key]:>9.1f}")
     print(f"incremental_over_full {f['incremental_over_full']:.4f}")
