@@ -109,7 +109,7 @@ class DedupConfig(BaseModel):
 
 
 def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches | None = None,
-                dataset: str = "") -> StageResult:
+                dataset: str = "", input_ids: pl.Series | None = None) -> StageResult:
     """Exact dedup on ``content_hash`` (within each ``kind``), then near dedup of conversations.
 
     Prompt rows take part in exact dedup only. Kept rows of a cluster with more than one
@@ -119,6 +119,8 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches 
     the kept rows are added to a persisted index filed under ``dataset`` (the recipe's name);
     index rows whose id is not in ``records`` (their input is gone) take part as anchors that
     always win, and rows duplicating them are rejected as ``duplicate_of_earlier_build``.
+    ``input_ids``: every id of this build's input (default: ``records``' ids); an indexed row still in
+    the input is never an anchor, even when an earlier stage now drops it (e.g. a stricter filter).
     """
     if records.is_empty():
         return StageResult(records.with_columns(pl.lit(None, dtype=pl.String).alias("dup_cluster")), empty_rejections())
@@ -128,7 +130,8 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches 
     anchors = pl.DataFrame(schema={KEY: pl.String, "kind": pl.String, "content_hash": pl.String})
     if index is not None:
         known = index.entries(keep="last")
-        anchors = known.join(records.select(pl.col("id").alias(KEY)), on=KEY, how="anti").sort(KEY)
+        present = records["id"] if input_ids is None else input_ids
+        anchors = known.join(present.rename(KEY).to_frame(), on=KEY, how="anti").sort(KEY)
         index.hits += anchors.height  # the index's "hits": rows of earlier builds taking part
 
     frame = records.with_row_index("_row").with_columns(keep_order(records, config))

@@ -109,7 +109,8 @@ def filter_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: 
 
 
 @task(name="dedup", cache_policy=NO_CACHE)
-def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: Path | None = None) -> StageResult:
+def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: Path | None = None,
+               input_ids: pl.Series | None = None) -> StageResult:
     """With a cache root: cached MinHash signatures, and dedup against the rows earlier builds of this
     recipe (by name) kept, through the persisted index (``dedup.against_earlier_builds``)."""
     config = recipe.dedup
@@ -117,7 +118,7 @@ def dedup_task(records: pl.DataFrame, recipe: Recipe, quiet: bool, cache_root: P
         config = config.model_copy(update={"source_priority": _sft_sources_first(recipe)})
     caches = _record_caches(cache_root)
     with _bar("dedup", records.height, quiet) as bar:
-        result = deduplicate(records, config, caches, dataset=recipe.name)
+        result = deduplicate(records, config, caches, dataset=recipe.name, input_ids=input_ids)
         bar.update(records.height)
     return _with_stats(result, caches)
 
@@ -303,9 +304,9 @@ def _build(parsed: Recipe, base_dir: Path, recipe_path: Path, out_dir: Path, run
         # so each duplicate cluster keeps its best-scored member.
         pair_pool, _, scorer, score_stats = timed("score", score_task, filtered.kept, filtered.kept, parsed,
                                                   base_dir, cache_root, quiet)
-        deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet, cache_root)
+        deduped = timed("dedup", dedup_task, pair_pool, parsed, quiet, cache_root, rows["id"])
     else:
-        deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet, cache_root)
+        deduped = timed("dedup", dedup_task, filtered.kept, parsed, quiet, cache_root, rows["id"])
     stage_counts["dedup"] = _stage_counts(deduped, filtered.kept.height)
     semantic, semantic_model = timed("semantic_dedup", semantic_dedup_task, deduped.kept, parsed, quiet,
                                      cache_root)

@@ -196,3 +196,25 @@ def test_the_dedup_index_rejects_new_copies_of_rows_an_earlier_build_kept(shared
     assert _cache(restored, "dedup", "dedup_index")["hits"] == 0
     _build(no_index, tmp_path / "c-no-index", tmp_path / "cache-no-index")
     _assert_same_outputs(tmp_path / "c", tmp_path / "c-no-index")
+
+
+def test_rows_an_earlier_build_kept_that_a_stricter_filter_now_drops_are_not_anchors(shared_data, tmp_path):
+    """Only rows whose input is gone are anchors: a row still in the input but now dropped by the filter
+    must not knock out its copies, so the rebuild equals a build without the index."""
+    data = tmp_path / "data"
+    for model in (*MODELS, NEW):
+        _copy(shared_data, data, model)
+    recipe = _recipe(tmp_path, shared_data)
+    _build(recipe, tmp_path / "a", tmp_path / "cache")
+
+    def stricter(path: Path) -> Path:
+        spec = yaml.safe_load(path.read_text())
+        spec["filters"]["length"] = {"min_answer_words": 60}
+        strict = path.with_name(path.stem + "-strict.yaml")
+        strict.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return strict
+    strict = _build(stricter(recipe), tmp_path / "b", tmp_path / "cache")
+    assert strict["stages"]["filter"]["dropped_by_reason"]  # the stricter rule drops rows build (a) kept
+    assert _cache(strict, "dedup", "dedup_index")["hits"] == 0
+    _build(stricter(_recipe(tmp_path, shared_data, against_earlier_builds=False)), tmp_path / "b-no-index", None)
+    _assert_same_outputs(tmp_path / "b", tmp_path / "b-no-index")
