@@ -115,10 +115,10 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches 
     Prompt rows take part in exact dedup only. Kept rows of a cluster with more than one
     member get ``dup_cluster`` = id of the kept row; singletons get null.
 
-    With ``cache``, MinHash signatures are cached by text, and (``against_earlier_builds``)
-    the kept rows are added to a persisted index filed under ``dataset`` (the recipe's name);
-    index rows whose id is not in ``records`` (their input is gone) take part as anchors that
-    always win, and rows duplicating them are rejected as ``duplicate_of_earlier_build``.
+    With ``cache``, MinHash signatures are cached by text, and (``against_earlier_builds``) the
+    persisted index filed under ``dataset`` (the recipe's name; ``index_kept`` adds each finished
+    build's kept rows) is read: index rows whose input is gone take part as anchors that always
+    win, and rows duplicating them are rejected as ``duplicate_of_earlier_build``.
     ``input_ids``: every id of this build's input (default: ``records``' ids); an indexed row still in
     the input is never an anchor, even when an earlier stage now drops it (e.g. a stricter filter).
     """
@@ -126,7 +126,6 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches 
         return StageResult(records.with_columns(pl.lit(None, dtype=pl.String).alias("dup_cluster")), empty_rejections())
 
     index = _open_index(cache, config, dataset) if cache is not None and config.against_earlier_builds else None
-    known = None
     anchors = pl.DataFrame(schema={KEY: pl.String, "kind": pl.String, "content_hash": pl.String})
     if index is not None:
         known = index.entries(keep="last")
@@ -197,8 +196,6 @@ def deduplicate(records: pl.DataFrame, config: DedupConfig, cache: RecordCaches 
     kept = records.with_columns(
         pl.when(pl.Series(in_cluster)).then(ids.gather(ours)).otherwise(None).cast(pl.String).alias("dup_cluster")
     ).filter(pl.Series(kept_mask))
-    if index is not None:
-        _add_to_index(index, kept, known, config)
 
     dropped = np.flatnonzero(~kept_mask)
     if dropped.size == 0:
@@ -253,15 +250,20 @@ def _open_index(cache: RecordCaches, config: DedupConfig, dataset: str) -> Recor
     return cache.open(INDEX_STAGE, {"version": INDEX_VERSION, "dataset": dataset, "near_fields": fields}, values=values)
 
 
-def _add_to_index(index: RecordCache, kept: pl.DataFrame, known: pl.DataFrame, config: DedupConfig) -> None:
-    """Store the kept rows the index does not hold yet with the same kind and content."""
+def index_kept(kept: pl.DataFrame, config: DedupConfig, cache: RecordCaches, dataset: str) -> int:
+    """Add the rows dedup kept to the persisted index (those it does not hold yet with the same kind and
+    content); returns how many. Called once the build has passed conservation, so a failed build never
+    turns its rows into anchors for the next one."""
+    if not config.against_earlier_builds or kept.is_empty():
+        return 0
+    index = _open_index(cache, config, dataset)
+    known = index.entries(keep="last")
     new = kept.join(known.select(pl.col(KEY).alias("id"), "kind", "content_hash"), on=["id", "kind", "content_hash"],
                     how="anti", nulls_equal=True)
-    if new.is_empty():
-        return
     is_conversation = pl.col("kind") == "conversation"
     texts = {f"{f}_text": pl.when(is_conversation).then(dedup_texts(new, f)) for f in _near_fields(config)}
     index.store(new.select(pl.col("id").alias(KEY), "kind", "content_hash", **texts))
+    return new.height
 
 
 def _signature_settings(config: NearDedupConfig) -> dict:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import curation
 from curation import accounting, outputs, runs
 from curation.card import write_card
-from curation.dedup import deduplicate
+from curation.dedup import deduplicate, index_kept
 from curation.filters import filter_records
 from curation.ingest import IngestResult, ingest
 from curation.lineage import build_lineage
@@ -190,6 +190,12 @@ def write_task(out_dir: Path, recipe: Recipe, ingested: IngestResult, selection:
     manifest["times"]["finished"] = datetime.now(timezone.utc).isoformat()
     outputs.write_json_atomic(manifest, out_dir / "manifest.json")
     return manifest
+
+
+@task(name="dedup-index", cache_policy=NO_CACHE)
+def index_task(kept: pl.DataFrame, recipe: Recipe, cache_root: Path) -> int:
+    """Add the rows dedup kept to the persisted index, now that the build passed conservation."""
+    return index_kept(kept, recipe.dedup, RecordCaches(cache_root / "records"), recipe.name)
 
 
 @task(name="document", cache_policy=NO_CACHE)
@@ -361,6 +367,11 @@ def _build(parsed: Recipe, base_dir: Path, recipe_path: Path, out_dir: Path, run
         "counts": settlement.counts,
     }
     manifest = timed("write", write_task, out_dir, parsed, ingested, selection, settlement, lineage, manifest, quiet)
+    if cache_root is not None and parsed.dedup.against_earlier_builds:
+        indexed = index_task(deduped.kept, parsed, cache_root)
+        index_stats = manifest["stages"]["dedup"].get("cache", {}).get("dedup_index")
+        if index_stats is not None:
+            index_stats["computed"] = indexed
     manifest["times"]["stage_seconds"] = timings
     manifest["times"]["total_seconds"] = round(time.perf_counter() - started, 3)
     outputs.write_json_atomic(manifest, out_dir / "manifest.json")

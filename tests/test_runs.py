@@ -116,10 +116,15 @@ def test_a_failed_build_leaves_latest_where_it_was(shared_data, tmp_path, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
+    index_shards = lambda: sorted((root / ".cache" / "records" / "dedup_index").rglob("part-*.parquet"))  # noqa: E731
+    indexed = index_shards()
+    assert indexed  # the first build's kept rows
+
     monkeypatch.setattr(build, "select", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build.build_dataset(recipe=str(recipe), out_root=str(root), quiet=True)
     assert os.readlink(root / "latest") == first["run_id"]
+    assert index_shards() == indexed  # a failed build's rows never become anchors for the next one
     failed = [row for row in runs.list_runs(root) if row["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["error"] == "RuntimeError: disk on fire"
     assert not (Path(failed[0]["out_dir"]) / "manifest.json").exists()
