@@ -15,6 +15,12 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="curation-prefect-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+# Prefect snapshots its settings (API URL included) from the environment, and binds its console log
+# handler to the sys.stderr of the moment, when prefect.main is first imported. Import it here, with the
+# settings above and the session's stderr, so neither comes from a test's monkeypatched environment or
+# from a capsys buffer that is closed when that test ends.
+import prefect.main  # noqa: E402,F401
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -199,6 +199,14 @@ def test_scheduled_build_on_a_real_server(prefect_server, tmp_path):
         _stop(serve)
 
 
+@pytest.fixture(autouse=True)
+def restore_prefect_logging_level(monkeypatch):
+    """`curate deploy` sets PREFECT_LOGGING_LEVEL=INFO for the process it serves from; undo that after each
+    test, so later in-process `--quiet` builds keep logging at WARNING."""
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")  # records the value before (unset), restored after
+    monkeypatch.delenv("PREFECT_LOGGING_LEVEL")
+
+
 def test_cron_is_checked_before_the_server_is_contacted(monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_API_URL", _closed_api())
     assert main(["deploy", str(DEMO), "--cron", "61 3 * * *"]) == 2
