@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,9 +18,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 # Prefect snapshots its settings (API URL included) from the environment, and binds its console log
 # handler to the sys.stderr of the moment, when prefect.main is first imported. Import it here, with the
-# settings above and the session's stderr, so neither comes from a test's monkeypatched environment or
-# from a capsys buffer that is closed when that test ends.
-import prefect.main  # noqa: E402,F401
+# settings above and the process's real stderr (pytest's fd capture still catches what it writes), so
+# neither comes from a test's monkeypatched environment or from a capture buffer that gets closed: a
+# capsys buffer when a test ends, or pytest's own when Prefect logs its shutdown at exit.
+sys.stderr, _session_stderr = sys.__stderr__, sys.stderr
+try:
+    import prefect.main  # noqa: E402,F401
+finally:
+    sys.stderr = _session_stderr
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
