@@ -139,7 +139,7 @@ def write_run_status(out_root: Path, run_id: str, /, **fields) -> None:
     folder = out_root / RUNS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{run_id}.json"
-    status = _read_json(path) or {"run_id": run_id}
+    status = read_json(path) or {"run_id": run_id}
     status.update(fields)
     temp = folder / f".{run_id}.{os.getpid()}.tmp"
     temp.write_text(json.dumps(status, indent=2, default=str), encoding="utf-8")
@@ -152,7 +152,7 @@ def list_runs(out_root: Path) -> list[dict]:
     latest = latest_run(out_root)
     runs: dict[str, dict] = {}
     for path in (out_root / RUNS_DIR).glob("*.json"):
-        status = _read_json(path)
+        status = read_json(path)
         if status and status.get("run_id"):
             runs[status["run_id"]] = status
     for manifest_path in out_root.glob("*/manifest.json"):
@@ -161,7 +161,7 @@ def list_runs(out_root: Path) -> list[dict]:
     rows = []
     for run_id, status in runs.items():
         folder = out_root / run_id
-        manifest = _read_json(folder / "manifest.json") or {}
+        manifest = read_json(folder / "manifest.json") or {}
         state = status.get("status") or ("completed" if manifest.get("conservation") else "failed")
         if state == "running" and not _alive(status.get("pid")):
             state = "failed"  # the process died without saying so
@@ -201,7 +201,8 @@ def _alive(pid) -> bool:
     return True
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable (a run folder mid-write, a damaged file)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):

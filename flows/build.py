@@ -7,7 +7,6 @@ off: caching would hash whole tables.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -246,7 +245,7 @@ def build_dataset(recipe: str, out: str | None = None, out_root: str | None = No
     try:
         with runs.build_lock(root, holder, wait=if_busy == "wait", log=logger.info):
             previous = runs.latest_run(root)
-            earlier = json.loads((previous / "manifest.json").read_text()) if previous is not None else {}
+            earlier = (runs.read_json(previous / "manifest.json") or {}) if previous is not None else {}
             if earlier.get("fingerprint", {}).get("digest") == fingerprint.digest:
                 logger.info("no-op: recipe, %d input files, models and code are unchanged since build %s; "
                             "nothing to do (latest stays %s)", len(fingerprint.parts["inputs"]),

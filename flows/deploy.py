@@ -16,13 +16,14 @@ lock on OUT_ROOT is the real guard: it also covers builds started outside the de
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from curation.runs import read_json
 
 FLOW_NAME = "build-dataset"
 _BANNED = set("/%&><")  # characters Prefect refuses in deployment names
@@ -290,7 +291,7 @@ def _from_flow_run(run: dict) -> dict:
              "latest": False, "recipe_path": params.get("recipe"), "message": run["state_message"],
              "source": "prefect"}
     out = _param_path(run, "out")
-    manifest = _read_json(out / "manifest.json") if out is not None else None
+    manifest = read_json(out / "manifest.json") if out is not None else None
     if manifest and (manifest.get("prefect") or {}).get("flow_run_id") == run["flow_run_id"]:
         select = manifest.get("stages", {}).get("select", {})
         build.update(run_id=manifest.get("run_id"), out_dir=str(out), counts=manifest.get("counts"),
@@ -303,13 +304,6 @@ def _from_flow_run(run: dict) -> dict:
 def _param_path(run: dict, key: str) -> Path | None:
     value = run["parameters"].get(key)
     return None if value is None else Path(value).resolve()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _iso(value) -> str | None:
